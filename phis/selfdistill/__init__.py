@@ -1,0 +1,1 @@
+"""Self-distillation and partial-label learning (SD-PLL): block-model theory, label corruption."""
