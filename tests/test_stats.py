@@ -1,0 +1,195 @@
+"""StreamingMoments against float64 two-pass references on hostile (SAM-like, float32) features."""
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from phis.normalizers import make_normalizer
+from phis.stats import StreamingMoments
+
+
+def sam_like(n: int, c: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Correlated features [n, c] with channel means in ±60 and stds in 2..30 (like SAM's trunk)."""
+    g = torch.Generator().manual_seed(seed)
+    f64 = torch.float64
+    means = torch.rand(c, generator=g, dtype=f64) * 120 - 60
+    stds = 2 + 28 * torch.rand(c, generator=g, dtype=f64)
+    mix = torch.eye(c, dtype=f64) + torch.randn(c, c, generator=g, dtype=f64) / c**0.5
+    mix = mix / mix.norm(dim=1, keepdim=True)  # unit-variance rows, so channel std = stds
+    z = torch.randn(n, c, generator=g, dtype=f64) @ mix.T
+    return (means + z * stds).to(dtype)
+
+
+def reference(y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Two-pass float64 mean and population covariance of the tokens as stored."""
+    a = y.reshape(-1, y.shape[-1]).double().numpy()
+    return a.mean(0), np.cov(a, rowvar=False, bias=True)
+
+
+def feed(y: torch.Tensor, sizes: list[int]) -> StreamingMoments:
+    m = StreamingMoments(y.shape[-1])
+    for chunk in y.split(sizes):
+        m.update(chunk)
+    return m
+
+
+def test_float32_offsets_match_float64_reference_and_naive_fails():
+    y = sam_like(3000, 48)
+    m = feed(y, [1, 7, 992, 2000])
+    mean, cov = reference(y)
+    scale = np.abs(cov).max()
+    err = np.abs(m.covariance.numpy() - cov).max()
+    assert m.count.item() == 3000
+    assert np.abs(m.mean.numpy() - mean).max() < 1e-11
+    assert err < 1e-11 * scale
+    # The data is hostile: the one-pass float32 formula E[yyᵀ] - μμᵀ is visibly wrong on it.
+    mu32 = y.mean(0)
+    naive = (y.T @ y) / y.shape[0] - torch.outer(mu32, mu32)
+    assert np.abs(naive.double().numpy() - cov).max() > 1e4 * err
+
+
+def test_batch_split_invariance_and_symmetry():
+    y = sam_like(1000, 16, seed=1)
+    a = feed(y, [1000])
+    b = feed(y, [3, 500, 1, 496])
+    torch.testing.assert_close(a.covariance, b.covariance, rtol=1e-12, atol=1e-12)
+    assert torch.equal(b.m2, b.m2.T)
+
+
+def test_bfloat16_and_leading_dims():
+    y = sam_like(4 * 50, 8, seed=2).to(torch.bfloat16).reshape(4, 50, 8)
+    m = StreamingMoments(8)
+    m.update(y)
+    mean, cov = reference(y)
+    np.testing.assert_allclose(m.mean.numpy(), mean, rtol=1e-12, atol=1e-10)
+    np.testing.assert_allclose(m.covariance.numpy(), cov, rtol=1e-10, atol=1e-8)
+
+
+def test_mask_selects_tokens_and_ignores_masked_nans():
+    y = sam_like(6 * 40, 12, seed=3).reshape(6, 40, 12)
+    mask = torch.rand(6, 40) > 0.4
+    y_bad = y.clone()
+    y_bad[~mask] = float("nan")  # padding tokens may hold anything
+    m = StreamingMoments(12)
+    m.update(y_bad, mask)
+    mean, cov = reference(y[mask])
+    assert m.count.item() == mask.sum().item()
+    np.testing.assert_allclose(m.mean.numpy(), mean, rtol=0, atol=1e-11)
+    np.testing.assert_allclose(m.covariance.numpy(), cov, rtol=1e-11, atol=1e-9)
+
+
+def test_mask_errors():
+    m = StreamingMoments(4)
+    with pytest.raises(ValueError, match="mask shape"):
+        m.update(torch.zeros(2, 3, 4), torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bool"):
+        m.update(torch.zeros(2, 3, 4), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="last dim 4"):
+        m.update(torch.zeros(2, 5))
+
+
+def test_empty_batches_are_noops():
+    y = sam_like(10, 5, seed=4)
+    m = feed(y, [10])
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    m.update(torch.zeros(0, 5))
+    m.update(torch.zeros(3, 0, 5))
+    m.update(y, torch.zeros(10, dtype=torch.bool))
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_single_token_then_more():
+    y = sam_like(30, 6, seed=5, dtype=torch.float64)
+    m = StreamingMoments(6)
+    m.update(y[:1])
+    assert m.count.item() == 1
+    assert torch.equal(m.mean, y[0])
+    assert torch.equal(m.covariance, torch.zeros(6, 6, dtype=torch.float64))
+    m.update(y[1:])
+    np.testing.assert_allclose(m.covariance.numpy(), reference(y)[1], rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_input_raises_and_leaves_state(bad):
+    y = sam_like(20, 4, seed=6)
+    m = feed(y, [20])
+    before = m.m2.clone()
+    y2 = y.clone()
+    y2[3, 1] = bad
+    with pytest.raises(ValueError, match="non-finite"):
+        m.update(y2)
+    assert torch.equal(m.m2, before) and m.count.item() == 20
+
+
+def test_merge_and_reset_and_state_dict():
+    y = sam_like(400, 10, seed=7)
+    a, b = feed(y[:150], [150]), feed(y[150:], [100, 150])
+    assert a.merge_(StreamingMoments(10)) is a  # merging nothing changes nothing
+    a.merge_(b)
+    full = feed(y, [400])
+    torch.testing.assert_close(a.mean, full.mean, rtol=1e-13, atol=1e-12)
+    torch.testing.assert_close(a.covariance, full.covariance, rtol=1e-12, atol=1e-10)
+    empty = StreamingMoments(10).merge_(full)
+    assert torch.equal(empty.m2, full.m2) and torch.equal(empty.mean, full.mean)
+    restored = StreamingMoments(10)
+    restored.load_state_dict(full.state_dict())
+    assert torch.equal(restored.covariance, full.covariance)
+    full.reset()
+    assert full.count.item() == 0 and full.m2.abs().sum().item() == 0
+    with pytest.raises(ValueError, match="dim"):
+        a.merge_(StreamingMoments(3))
+
+
+def test_all_reduce_without_process_group_is_noop():
+    m = feed(sam_like(50, 3, seed=8), [50])
+    before = m.m2.clone()
+    m.all_reduce_()
+    assert torch.equal(m.m2, before)
+    assert torch.equal(m.all_reduced().m2, before)
+
+
+def _rank_data(rank: int) -> torch.Tensor:
+    # Uneven shards with different offsets: rank 0 has many tokens, rank 1 a few far-off ones.
+    y = sam_like(700, 24, seed=9)
+    return y[:690] if rank == 0 else y[690:] + 25.0
+
+
+def _dist_worker(rank: int, init: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        y = _rank_data(rank)
+        m = StreamingMoments(24)
+        m.update(y[:5])
+        m.update(y[5:])
+        norm = make_normalizer("phi_s", 24)
+        norm.update(y)
+        norm.fit()  # collective: fits on both ranks' tokens, keeps local statistics
+        norm.fit()  # so a second fit does not count other ranks' tokens twice
+        local_count = norm.stats.count.clone()
+        m.all_reduce_()
+        torch.save(
+            {"count": m.count, "mean": m.mean, "cov": m.covariance, "weight": norm.weight,
+             "local_count": local_count},
+            f"{out_dir}/rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gloo_all_reduce_matches_concatenated(tmp_path):
+    mp.spawn(_dist_worker, args=(f"file://{tmp_path}/pg", str(tmp_path)), nprocs=2, join=True)
+    y = torch.cat([_rank_data(0), _rank_data(1)])
+    mean, cov = reference(y)
+    single = make_normalizer("phi_s", 24)
+    single.update(y)
+    single.fit()
+    for rank in (0, 1):
+        r = torch.load(tmp_path / f"rank{rank}.pt")
+        assert r["count"].item() == 700
+        assert r["local_count"].item() == len(_rank_data(rank))
+        np.testing.assert_allclose(r["mean"].numpy(), mean, rtol=0, atol=1e-11)
+        np.testing.assert_allclose(r["cov"].numpy(), cov, rtol=1e-11, atol=1e-9)
+        torch.testing.assert_close(r["weight"], single.weight, rtol=0, atol=1e-9)
