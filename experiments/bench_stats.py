@@ -122,22 +122,51 @@ def run(
             rel = diff / float(np.abs(ref).max())
             per_tok_s = stream["wall_s"] / tokens
             per_tok_c = oneshot["wall_s"] / n_cmp
-            rows.append([dim, f"{tokens:,}", "StreamingMoments (float64)", f"{stream['wall_s']:.2f}",
-                         f"{tokens / stream['wall_s'] / 1e3:.0f}", f"{stream['peak_mb']:.0f}", "", ""])
-            rows.append([dim, f"{n_cmp:,}", "torch.cov (float32, in memory)", f"{oneshot['wall_s']:.2f}",
-                         f"{n_cmp / oneshot['wall_s'] / 1e3:.0f}", f"{oneshot['peak_mb']:.0f}",
-                         f"{per_tok_s / per_tok_c:.2f}", f"{diff:.2e} ({rel:.1e})"])
+            rows.append(
+                [
+                    dim,
+                    f"{tokens:,}",
+                    "StreamingMoments (float64)",
+                    f"{stream['wall_s']:.2f}",
+                    f"{tokens / stream['wall_s'] / 1e3:.0f}",
+                    f"{stream['peak_mb']:.0f}",
+                    "",
+                    "",
+                ]
+            )
+            rows.append(
+                [
+                    dim,
+                    f"{n_cmp:,}",
+                    "torch.cov (float32, in memory)",
+                    f"{oneshot['wall_s']:.2f}",
+                    f"{n_cmp / oneshot['wall_s'] / 1e3:.0f}",
+                    f"{oneshot['peak_mb']:.0f}",
+                    f"{per_tok_s / per_tok_c:.2f}",
+                    f"{diff:.2e} ({rel:.1e})",
+                ]
+            )
             if n_cmp < tokens:
                 need = 2 * 4 * dim * tokens / 2**30
-                notes.append(f"C={dim}: torch.cov over all {tokens:,} tokens needs {need:.1f} GB > the "
-                             f"{max_inmem_gb} GB budget; it ran on the first {n_cmp:,} tokens, compared "
-                             "with the streaming snapshot at that prefix.")
+                notes.append(
+                    f"C={dim}: torch.cov over all {tokens:,} tokens needs {need:.1f} GB > the "
+                    f"{max_inmem_gb} GB budget; it ran on the first {n_cmp:,} tokens, compared "
+                    "with the streaming snapshot at that prefix."
+                )
             print(markdown_table(HEADER, rows[-2:]), flush=True)
     return rows, notes
 
 
-HEADER = ["C", "tokens", "method", "wall s", "ktok/s", "peak MB", "time/token ratio (stream ÷ cov)",
-          "max |ΔΣ| (rel. to max |Σ|)"]
+HEADER = [
+    "C",
+    "tokens",
+    "method",
+    "wall s",
+    "ktok/s",
+    "peak MB",
+    "time/token ratio (stream ÷ cov)",
+    "max |ΔΣ| (rel. to max |Σ|)",
+]
 
 
 def main() -> None:
@@ -162,9 +191,7 @@ def main() -> None:
         "Peak MB: increase of the measuring process's peak resident set over the measured phase, "
         "including the tokens the method holds (one batch vs all) and one batch's generation temporaries. "
         "Wall time excludes data generation. ΔΣ: streaming float64 covariance minus torch.cov's float32 "
-        "one on the same tokens.\n"
-        + "".join(f"\n- {n}" for n in notes)
-        + "\n"
+        "one on the same tokens.\n" + "".join(f"\n- {n}" for n in notes) + "\n"
     )
     atomic_write_text(Path(args.out), text)
     print(text)

@@ -73,3 +73,10 @@ def test_multirun_callback_calls_aggregator():
     cb = results.AggregateOnMultirunEnd(aggregator=f"{__name__}._record")
     cb.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": "/sweep"}}}))
     assert calls[-1] == ("/sweep", "/sweep")
+
+
+def test_atomic_write_uses_default_permissions(tmp_path):
+    path = results.atomic_write_text(tmp_path / "x.txt", "hi")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
