@@ -1,0 +1,240 @@
+"""Hydra entry point of the SD-PLL study: one job = one feature set × one label-corruption draw.
+
+    python -m phis.selfdistill.run                                  # defaults: block model, η = 0
+    python -m phis.selfdistill.run -m sd_experiment=block_table     # a table's η × seed sweep
+
+A job writes ``results.json`` (``"status": "finished"``, its resolved config, one entry per model:
+last-epoch and best-over-epochs test accuracy, training accuracy w.r.t. the true and the given labels)
+into its own directory, and skips itself when that file already holds a finished run of the same
+config. Block-model jobs also record the theory's predictions for their realized label fractions.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from threadpoolctl import threadpool_limits
+
+from phis.results import RESULTS_FILE, atomic_write_json, is_finished, read_json
+from phis.selfdistill import theory
+from phis.selfdistill.corruption import (
+    NOISE_KINDS,
+    corrupt_labels,
+    corruption_matrix,
+    find_superclasses,
+    realized_matrix,
+)
+from phis.selfdistill.features import FeatureSet, atomic_savez, load_features
+from phis.selfdistill.probe import PLL_LOSSES, SOLVERS, SGDRecipe, self_distill
+
+log = logging.getLogger(__name__)
+
+TASKS = ("distill", "spectrum")
+REPORTS = ("table", "region", "simplex", "spectrum")
+SUPERCLASS_SOURCES = ("cluster", "features")
+OUTPUTS_FILE = "outputs.npz"
+# Config keys that cannot change a job's results: a finished job is reused whatever their values.
+NON_RESULT_KEYS = ("tables_dir", "threads", "cache_dir")
+
+
+def _check(value: Any, choices: tuple, key: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{key}={value!r} is not valid; choose one of {list(choices)}")
+
+
+def validate(cfg: Mapping[str, Any]) -> None:
+    """Fail before any work on a config choice the code does not know, listing the valid ones."""
+    _check(cfg["task"], TASKS, "task")
+    _check(cfg["report"], REPORTS, "report")
+    sd = cfg["sd"]
+    _check(sd["corruption"]["kind"], NOISE_KINDS, "sd.corruption.kind")
+    if sd["corruption"]["kind"] == "superclass":
+        _check(
+            sd["corruption"].get("superclasses", "cluster"), SUPERCLASS_SOURCES, "sd.corruption.superclasses"
+        )
+    _check(sd["solver"]["name"], SOLVERS, "sd.solver.name")
+    for loss in sd["pll"]["losses"]:
+        _check(loss, PLL_LOSSES, "sd.pll.losses[]")
+    if int(sd["rounds"]) < 1:
+        raise ValueError(f"sd.rounds={sd['rounds']} must be ≥ 1 (round 1 is the teacher)")
+    if not float(sd["lam"]) > 0:
+        raise ValueError(f"sd.lam={sd['lam']} must be > 0")
+
+
+def superclasses_for(feats: FeatureSet, ccfg: Mapping[str, Any]) -> np.ndarray:
+    """Superclass id per class [K]: the block model's own, or clustered from the training features."""
+    if ccfg.get("superclasses", "cluster") == "features":
+        if feats.superclass is None:
+            raise ValueError(
+                f"sd.corruption.superclasses=features, but features {feats.name!r} have no superclasses; "
+                "use sd.corruption.superclasses=cluster, or three-level block features "
+                "(sd/features=block_superclass)"
+            )
+        return np.asarray(feats.superclass)
+    return find_superclasses(feats.X_train, feats.y_train, feats.num_classes, cut=float(ccfg.get("cut", 0.8)))
+
+
+def block_theory(
+    fcfg: Mapping[str, Any], noise: str, eta: float, lam: float, rounds: int, C_real: np.ndarray
+) -> dict:
+    """The theory's predictions for a block-model job (linearized dynamics): r, the thresholds η_t, the
+    first round with every training instance right at the population level, and per round whether
+    every instance is right given the realized label fractions."""
+    K, n, c, d = int(fcfg["K"]), int(fcfg["n"]), float(fcfg["c"]), float(fcfg["d"])
+    e, m = fcfg.get("e"), fcfg.get("m")
+    superclass = None if m is None else np.arange(K) // int(m)
+    sigmas = theory.block_sigmas(K, n, c, d, lam, e=e, m=m)
+    thresholds, first = None, None
+    if noise != "superclass" or (m is not None and int(m) >= 2):  # the population theory applies
+        thresholds = [theory.threshold(K, n, c, d, lam, t, noise, m=m) for t in range(1, rounds + 1)]
+        first = theory.rounds_to_full_accuracy(K, n, c, d, lam, eta, noise, m=m, e=e, max_rounds=rounds)
+    return {
+        "r": theory.sigma_ratio(K, n, c, d, lam),
+        "thresholds": thresholds,
+        "rounds_to_full": first,
+        "all_correct_realized": [
+            theory.block_all_correct(C_real, sigmas, t, superclass if e is not None else None)
+            for t in range(1, rounds + 1)
+        ],
+    }
+
+
+def run_distill(cfg: Mapping[str, Any], feats: FeatureSet, out_dir: Path) -> dict:
+    """Corrupt the labels, train teacher + students + PLL students, and report every model."""
+    sd, seed = cfg["sd"], int(cfg["seed"])
+    ccfg, scfg = sd["corruption"], sd["solver"]
+    K, eta, kind = feats.num_classes, float(ccfg["eta"]), ccfg["kind"]
+    superclass = superclasses_for(feats, ccfg) if kind == "superclass" else None
+    C = corruption_matrix(kind, K, eta, superclass)
+    y_given = corrupt_labels(feats.y_train, C, seed, exact=bool(ccfg.get("exact", False)))
+    C_real = realized_matrix(feats.y_train, y_given, K)
+    recipe = None
+    if scfg["name"] == "sgd":
+        keys = ("epochs", "batch_size", "lr", "momentum", "lr_decay")
+        recipe = SGDRecipe(**{k: scfg[k] for k in keys})
+    run = self_distill(
+        feats.X_train,
+        y_given,
+        feats.y_train,
+        feats.X_test,
+        feats.y_test,
+        float(sd["lam"]),
+        K,
+        rounds=int(sd["rounds"]),
+        solver=scfg["name"],
+        recipe=recipe,
+        pll_losses=list(sd["pll"]["losses"]),
+        q=float(sd["pll"]["q"]),
+        seed=seed,
+        tol=float(scfg.get("tol", 1e-8)),
+        keep_outputs=bool(cfg["save_outputs"]),
+    )
+    for rep in run.reports:
+        log.info(
+            "%-8s test %.4f (best over epochs %.4f)  train/true %.4f  train/given %.4f  %.1fs",
+            rep.name,
+            rep.test_acc_last,
+            rep.test_acc_best,
+            rep.train_acc_true,
+            rep.train_acc_given,
+            rep.seconds,
+        )
+    if run.outputs:
+        atomic_savez(out_dir / OUTPUTS_FILE, y_true=feats.y_train, y_given=y_given, **run.outputs)
+    result = {
+        "models": [asdict(rep) for rep in run.reports],
+        "C": C,
+        "C_realized": C_real,
+        "noise_realized": float(np.mean(y_given != feats.y_train)),
+        "superclass": superclass,
+    }
+    if sd["features"]["kind"] == "block":
+        result["theory"] = block_theory(
+            sd["features"], kind, eta, float(sd["lam"]), int(sd["rounds"]), C_real
+        )
+    return result
+
+
+def run_spectrum(cfg: Mapping[str, Any], feats: FeatureSet) -> dict:
+    """Eigenvalues μ_i of the training Gram and σ_i^t for rounds t = 1..rounds (theory.eigen_decay)."""
+    X = feats.X_train
+    G = X @ X.T if X.shape[0] <= X.shape[1] else X.T @ X  # same non-zero spectrum
+    rounds, lam = int(cfg["sd"]["rounds"]), float(cfg["sd"]["lam"])
+    sigma_t = theory.eigen_decay(G, feats.num_classes, X.shape[0], lam, list(range(1, rounds + 1)))
+    return {"mu": np.sort(np.clip(np.linalg.eigvalsh(G), 0.0, None))[::-1], "sigma_t": sigma_t}
+
+
+def _select(cfg: Mapping[str, Any], dotted: str) -> Any:
+    """The value at a dotted key of a nested config dict."""
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise KeyError(f"table_by names {dotted!r}, which is not a config key")
+        node = node[part]
+    return node
+
+
+def run_job(cfg: Mapping[str, Any], out_dir: Path) -> dict:
+    """Everything one job reports, as a JSON-ready dict (without status/config)."""
+    validate(cfg)
+    t0 = time.perf_counter()
+    feats = load_features(cfg["sd"]["features"], cfg["cache_dir"])
+    info = {
+        "experiment": cfg["experiment"],
+        "report": cfg["report"],
+        "table_key": ", ".join(f"{key.split('.')[-1]}={_select(cfg, key)}" for key in cfg["table_by"]),
+        "features": feats.name,
+        "features_kind": cfg["sd"]["features"]["kind"],
+        "num_classes": feats.num_classes,
+        "n_train": len(feats.y_train),
+        "n_test": len(feats.y_test),
+        "dim": feats.X_train.shape[1],
+        "eta": float(cfg["sd"]["corruption"]["eta"]),
+        "noise": cfg["sd"]["corruption"]["kind"],
+        "seed": int(cfg["seed"]),
+        "lam": float(cfg["sd"]["lam"]),
+        "solver": cfg["sd"]["solver"]["name"],
+    }
+    body = run_spectrum(cfg, feats) if cfg["task"] == "spectrum" else run_distill(cfg, feats, out_dir)
+    return {**info, **body, "wall_s": time.perf_counter() - t0}
+
+
+def _same_job(stored: Mapping[str, Any] | None, config: Mapping[str, Any]) -> bool:
+    """Whether a stored config describes the same computation (keys in NON_RESULT_KEYS ignored)."""
+    if stored is None:
+        return False
+    keys = (set(stored) | set(config)) - set(NON_RESULT_KEYS)
+    return all(stored.get(k) == config.get(k) for k in keys)
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="selfdistill")
+def main(cfg: DictConfig) -> None:
+    """Run one job into Hydra's output directory unless it already finished with this config."""
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if is_finished(out_dir) and _same_job(read_json(out_dir / RESULTS_FILE).get("config"), config):
+        log.info("already finished: %s", out_dir)
+        return
+    torch.set_num_threads(int(cfg.threads))
+    try:
+        with threadpool_limits(int(cfg.threads)):
+            result = run_job(config, out_dir)
+    except Exception as err:
+        failure = {"status": "failed", "error": f"{type(err).__name__}: {err}", "config": config}
+        atomic_write_json(out_dir / RESULTS_FILE, failure)
+        raise
+    atomic_write_json(out_dir / RESULTS_FILE, {**result, "config": config, "status": "finished"})
+
+
+if __name__ == "__main__":
+    main()

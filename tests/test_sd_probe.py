@@ -1,0 +1,394 @@
+"""SD-PLL probes, features and the job function: SGD recipe, PLL student, thresholds end to end."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
+
+from phis.selfdistill import features as feat
+from phis.selfdistill import theory
+from phis.selfdistill.blockmodel import block_features
+from phis.selfdistill.corruption import corrupt_labels, corruption_matrix
+from phis.selfdistill.probe import (
+    SGDRecipe,
+    accuracy,
+    fit_gce_full_batch,
+    fit_probe,
+    fit_sgd,
+    objective,
+    one_hot,
+    self_distill,
+    tie_fraction,
+    two_hot,
+)
+from phis.selfdistill.run import run_job, validate
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The probes are tiny: on a busy 2-core machine extra BLAS/torch threads only spin (100× slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)
+
+
+# Small-logit block model (|logits| stay well below 1): the linearized theory is exact here.
+SMALL = {"K": 4, "n": 60, "c": 0.2, "d": 0.17, "lam": 0.2}
+
+
+def _mixture(N: int = 240, D: int = 6, K: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Overlapping Gaussian classes with a large common offset (features of a real extractor are not
+    centred), so the problem is neither separable nor well conditioned."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(N) % K
+    means = rng.normal(size=(K, D))
+    return 1.0 + means[y] + 1.5 * rng.normal(size=(N, D)), y
+
+
+# ---------------------------------------------------------------------------------------------- SGD
+
+
+@pytest.mark.parametrize("loss", ["ce", "gce"])
+def test_sgd_steps_equal_torch_sgd_with_autograd(loss: str) -> None:
+    """Analytic gradients + hand-written momentum/decay = torch.optim.SGD on the autograd loss."""
+    X, y = _mixture(N=50)
+    T = two_hot(np.random.default_rng(1).dirichlet(np.ones(3), size=50)) if loss == "gce" else one_hot(y, 3)
+    W0 = np.random.default_rng(2).normal(size=(3, X.shape[1])) * 0.1
+    recipe = SGDRecipe(epochs=3, batch_size=16, lr=0.05, momentum=0.9, lr_decay=0.9)
+    lam, q, seed = 1e-2, 0.7, 5
+    ours = fit_sgd(X, T, lam, recipe, loss=loss, q=q, W0=W0, seed=seed).W
+
+    W = torch.nn.Parameter(torch.tensor(W0, dtype=torch.float32))
+    opt = torch.optim.SGD([W], lr=recipe.lr, momentum=recipe.momentum, weight_decay=lam)
+    Xt, Tt = torch.tensor(X, dtype=torch.float32), torch.tensor(T, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(recipe.epochs):
+        perm = torch.randperm(len(X), generator=gen)
+        for start in range(0, len(X), recipe.batch_size):
+            idx = perm[start : start + recipe.batch_size]
+            logits = Xt[idx] @ W.T
+            if loss == "ce":
+                value = F.cross_entropy(logits, Tt[idx])
+            else:
+                value = (Tt[idx] * (1 - logits.softmax(1).pow(q)) / q).sum(1).mean()
+            opt.zero_grad()
+            value.backward()
+            opt.step()
+        for group in opt.param_groups:
+            group["lr"] *= recipe.lr_decay
+    np.testing.assert_allclose(ours, W.detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_sgd_recipe_converges_to_the_exact_solution() -> None:
+    """The paper's recipe (momentum 0.9, ×0.98 per epoch, 200 epochs) ends near the float64 optimum."""
+    X, y = _mixture()
+    T, lam = one_hot(y, 3), 1e-2
+    W_star = theory.fit_exact(X, T, lam, tol=1e-12)
+    fit = fit_sgd(X, T, lam, SGDRecipe(batch_size=32, lr=0.1), seed=0, X_eval=X, y_eval=y)
+    assert np.linalg.norm(fit.W - W_star) / np.linalg.norm(W_star) < 0.03
+    gap = objective(X, T, fit.W, lam) - objective(X, T, W_star, lam)
+    assert 0 <= gap < 2e-4
+    assert fit.test_acc_per_epoch.shape == (200,)
+    # a few epochs are far from it: the check above is not trivially met
+    short = fit_sgd(X, T, lam, SGDRecipe(epochs=2, batch_size=32, lr=0.1), seed=0).W
+    assert np.linalg.norm(short - W_star) / np.linalg.norm(W_star) > 0.1
+
+
+def test_gce_full_batch_reaches_a_stationary_point_below_its_start() -> None:
+    X, y = _mixture()
+    T = two_hot(one_hot(y, 3) * 0.6 + np.random.default_rng(0).dirichlet(np.ones(3), size=len(y)) * 0.4)
+    lam, q = 1e-2, 0.7
+    W0 = theory.fit_exact(X, one_hot(y, 3), lam)
+    W = fit_gce_full_batch(X, T, lam, W0, q=q)
+    Wt = torch.tensor(W, requires_grad=True)
+    p = torch.softmax(torch.tensor(X) @ Wt.T, 1)
+    value = (torch.tensor(T) * (1 - p.pow(q)) / q).sum(1).mean() + 0.5 * lam * (Wt * Wt).sum()
+    value.backward()
+    assert Wt.grad.abs().max() < 1e-6
+    assert objective(X, T, W, lam, "gce", q) < objective(X, T, W0, lam, "gce", q)
+
+
+def test_fit_probe_rejects_unknown_choices() -> None:
+    X, y = _mixture(N=30)
+    with pytest.raises(ValueError, match=r"unknown solver 'adam'.*\['exact', 'sgd'\]"):
+        fit_probe(X, one_hot(y, 3), 1e-2, "adam")
+    with pytest.raises(ValueError, match=r"unknown probe loss 'mae'.*\['gce', 'ce'\]"):
+        fit_probe(X, one_hot(y, 3), 1e-2, "exact", loss="mae")
+    with pytest.raises(ValueError, match="needs an initialization"):
+        fit_probe(X, one_hot(y, 3), 1e-2, "exact", loss="gce")
+
+
+# ---------------------------------------------------------------------------------------------- PLL
+
+
+def test_two_hot_breaks_exact_ties_at_random() -> None:
+    P = np.array([[0.5, 0.2, 0.2, 0.1], [0.1, 0.6, 0.2, 0.1]])
+    np.testing.assert_array_equal(two_hot(P), [[0.5, 0.5, 0, 0], [0, 0.5, 0.5, 0]])
+    tied = np.tile([0.7, 0.1, 0.1, 0.1], (300, 1))
+    T = two_hot(tied, seed=3)
+    assert (T[:, 0] == 0.5).all() and np.allclose(T.sum(1), 1.0)
+    seconds = np.bincount(T[:, 1:].argmax(1), minlength=3)
+    assert seconds.min() > 60  # all three tied classes get picked, not always the first
+    np.testing.assert_array_equal(T, two_hot(tied, seed=3))
+
+
+def _superclass_run(m: int, eta: float, n: int = 20, exact: bool = True) -> tuple:
+    K = 12
+    data = block_features(K, n, 0.5, 0.3, e=0.1, m=m, n_test=5)
+    sup = np.arange(K) // m
+    y_given = corrupt_labels(data.y_train, corruption_matrix("superclass", K, eta, sup), 0, exact=exact)
+    run = self_distill(
+        data.X_train,
+        y_given,
+        data.y_train,
+        data.X_test,
+        data.y_test,
+        1e-4,
+        K,
+        rounds=1,
+        pll_losses=("gce", "ce"),
+        keep_outputs=True,
+    )
+    top2 = np.argsort(-run.outputs["Teacher"], 1)[:, :2]
+    return data, {r.name: r for r in run.reports}, run.outputs, top2
+
+
+@pytest.mark.parametrize("eta", [0.15, 0.3, 0.5])
+def test_pll_reaches_full_accuracy_when_top2_holds_the_true_class(eta: float) -> None:
+    """Superclass size 3, labels corrupted in exact proportions: the teacher errs, but its top-2
+    always contains the true class, and one PLL round (GCE as in the official code, and CE with the
+    two-hot target) gets every training instance right."""
+    data, rows, _, top2 = _superclass_run(3, eta)
+    assert (top2 == data.y_train[:, None]).any(1).all()
+    assert rows["Teacher"].train_acc_true < 0.9
+    assert rows["PLL"].train_acc_true == 1.0
+    assert rows["PLL-CE"].train_acc_true == 1.0
+
+
+def test_pll_top2_condition_is_not_enough_with_sampled_labels() -> None:
+    """Sampled (not exact-proportion) labels at low noise: the top-2 still always holds the true class,
+    but the teacher's second candidate is the same mate for (almost) a whole class, so that class's
+    two-hot targets put equal mass on it and the mate, and the PLL student falls below the teacher."""
+    data, rows, _, top2 = _superclass_run(3, 0.1, n=30, exact=False)
+    assert (top2 == data.y_train[:, None]).any(1).all()
+    assert rows["PLL-CE"].train_acc_true < rows["Teacher"].train_acc_true < 1.0
+
+
+def test_pll_ties_at_superclass_size_two() -> None:
+    """Superclass size 2: the teacher's top-2 is always {true class, its partner}, so both classes of
+    a superclass get the same two-hot target and the student's objective is symmetric in them. The
+    CE student's optimum is unique, hence symmetric: equal logits for the pair on every training
+    instance, a tie (its argmax would be round-off). The GCE student, started from the asymmetric
+    teacher, ends at the same tie. Ties count as a coin flip, so both score exactly 50 % and fall
+    below the teacher."""
+    data, rows, _, top2 = _superclass_run(2, 0.3)
+    y = data.y_train
+    partner = y ^ 1  # classes 2s and 2s + 1 form a superclass
+    np.testing.assert_array_equal(np.sort(top2, 1), np.sort(np.c_[y, partner], 1))
+    for name in ("PLL-CE", "PLL"):
+        assert rows[name].train_tied == 1.0, name
+        assert rows[name].train_acc_true == 0.5, name
+        assert rows[name].train_acc_true < rows["Teacher"].train_acc_true
+
+
+def test_accuracy_counts_ties_as_coin_flips() -> None:
+    X = np.eye(3)
+    W = np.array([[1.0, 0.0, 2.0], [1.0, 0.5, 2.0], [0.0, 0.2, 2.0]])  # logits = Wᵀ rows of X
+    # rows: tie {0, 1}; clear 1; three-way tie
+    assert accuracy(X, W, np.array([0, 1, 2])) == pytest.approx((0.5 + 1 + 1 / 3) / 3)
+    assert tie_fraction(X, W) == pytest.approx(2 / 3)
+    assert accuracy(
+        X, W + np.array([[0, 0, 0], [0, 0, 0], [0, 0, 1e-3]]), np.array([0, 1, 2])
+    ) == pytest.approx((0.5 + 1 + 1) / 3)
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+def _job_cfg(**over: object) -> dict:
+    cfg = {
+        "experiment": "test",
+        "report": "table",
+        "table_by": [],
+        "task": "distill",
+        "seed": 0,
+        "cache_dir": "unused",
+        "save_outputs": False,
+        "sd": {
+            "features": {
+                "kind": "block",
+                "name": "block",
+                "K": SMALL["K"],
+                "n": SMALL["n"],
+                "c": SMALL["c"],
+                "d": SMALL["d"],
+                "e": None,
+                "m": None,
+                "n_test": 0,
+                "feature_seed": 0,
+                "rotate": False,
+            },
+            "corruption": {"kind": "sym", "eta": 0.0, "exact": True},
+            "solver": {"name": "exact", "tol": 1e-9},
+            "rounds": 4,
+            "pll": {"losses": [], "q": 0.7},
+            "lam": SMALL["lam"],
+        },
+    }
+    for key, value in over.items():
+        node = cfg
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return cfg
+
+
+def test_thresholds_predict_the_simulation_end_to_end(tmp_path) -> None:
+    """Exact-proportion symmetric noise through the job function (features → corruption → probes):
+    every round's 'all training instances right' equals the theory's, and the first such round equals
+    the population threshold's, at every attainable η (steps of (K − 1)/n)."""
+    K, n = SMALL["K"], SMALL["n"]
+    thresholds = [theory.threshold(K, n, SMALL["c"], SMALL["d"], SMALL["lam"], t) for t in range(1, 5)]
+    firsts = set()
+    for eta in 3 * np.arange(1, 16) / n:  # 0.05 ... 0.75 = (K − 1)/K, where g reaches 0
+        res = run_job(_job_cfg(**{"sd.corruption.eta": float(eta)}), tmp_path)
+        simulated = [m["train_acc_true"] == 1.0 for m in res["models"]]
+        assert simulated == res["theory"]["all_correct_realized"], f"eta={eta}"
+        first = next((t for t, ok in enumerate(simulated, start=1) if ok), None)
+        assert first == theory.rounds_to_full_accuracy(
+            K, n, SMALL["c"], SMALL["d"], SMALL["lam"], eta, max_rounds=4
+        )
+        assert first == next((t for t, h in enumerate(thresholds, start=1) if eta < h), None)
+        firsts.add(first)
+    assert {1, 2, None} <= firsts  # the grid crosses thresholds: teacher right, a student needed, none
+
+
+def test_job_records_both_accuracies_and_true_label_training_accuracy(tmp_path) -> None:
+    res = run_job(
+        _job_cfg(
+            **{
+                "sd.corruption.eta": 0.5,
+                "sd.corruption.exact": False,
+                "sd.features.n_test": 5,
+                "sd.pll.losses": ["gce"],
+            }
+        ),
+        tmp_path,
+    )
+    names = [m["name"] for m in res["models"]]
+    assert names == ["Teacher", "2", "3", "4", "PLL"]
+    for m in res["models"]:
+        assert m["test_acc_best"] == m["test_acc_last"]  # exact solver: no epochs
+        assert 0.0 <= m["train_acc_true"] <= 1.0
+    teacher = res["models"][0]
+    # the teacher fits its (noisy) labels better than it agrees with the true ones
+    assert teacher["train_acc_given"] > teacher["train_acc_true"]
+    assert abs(res["noise_realized"] - 0.5) < 0.15
+
+
+def test_validate_lists_the_choices() -> None:
+    for key, bad, match in [
+        ("sd.solver.name", "adam", r"sd.solver.name='adam'.*\['exact', 'sgd'\]"),
+        ("sd.corruption.kind", "pair", r"sd.corruption.kind='pair'.*'sym', 'asym', 'superclass'"),
+        ("task", "plot", r"task='plot'.*\['distill', 'spectrum'\]"),
+        ("sd.pll.losses", ["mae"], r"sd.pll.losses\[\]='mae'.*\['gce', 'ce'\]"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            validate(_job_cfg(**{key: bad}))
+    with pytest.raises(ValueError, match=r"sd.corruption.superclasses='labels'.*\['cluster', 'features'\]"):
+        validate(_job_cfg(**{"sd.corruption.kind": "superclass", "sd.corruption.superclasses": "labels"}))
+
+
+# ---------------------------------------------------------------------------------------------- features
+
+
+def test_stratified_split_is_deterministic_and_per_class() -> None:
+    y = np.repeat(np.arange(5), [10, 20, 30, 7, 3])
+    a, b = feat.stratified_split(y, 0.3, 0), feat.stratified_split(y, 0.3, 0)
+    np.testing.assert_array_equal(a, b)
+    assert [int(a[y == k].sum()) for k in range(5)] == [3, 6, 9, 2, 1]
+    assert not np.array_equal(a, feat.stratified_split(y, 0.3, 1))
+
+
+def test_photo_crops_keep_test_pixels_apart() -> None:
+    specs = feat.photo_crop_specs(per_class=20, test_fraction=0.3, seed=0)
+    assert len(specs) == 20 * len(feat.PHOTO_SOURCES) and specs[:, 1].sum() == 6 * len(feat.PHOTO_SOURCES)
+    for k, source in enumerate(feat.PHOTO_SOURCES):
+        H, W = feat._photo(source).shape[:2]
+        wide = W >= H
+        cut = round(0.7 * (W if wide else H))
+        mine = specs[specs[:, 0] == k]
+        lo = mine[:, 3] if wide else mine[:, 2]  # first coordinate along the split axis
+        hi = lo + mine[:, 4]
+        test = mine[:, 1] == 1
+        assert (lo[test] >= cut).all() and (hi[~test] <= cut).all()
+        assert (mine[:, 2] + mine[:, 4] <= H).all() and (mine[:, 3] + mine[:, 4] <= W).all()
+
+
+def test_efficientnet_digits_features_are_cached(tmp_path, monkeypatch) -> None:
+    """Real EfficientNet-Lite0 features of 2 digits per class (a tiny subset keeps this fast); the
+    second load must come from the npz without building the extractor."""
+    cfg = {
+        "kind": "efficientnet",
+        "dataset": "digits",
+        "variant": 0,
+        "size": 96,
+        "batch_size": 32,
+        "limit_per_class": 3,
+        "test_fraction": 1 / 3,
+        "split_seed": 0,
+    }
+    first = feat.load_features(cfg, tmp_path)
+    cache = list(tmp_path.glob("*.npz"))
+    assert [p.name for p in cache] == ["efficientnet_lite0_digits_96px_lim3.npz"]
+    assert first.X_train.shape == (20, 1280) and first.X_test.shape == (10, 1280)
+    assert np.isfinite(first.X_train).all() and first.X_train.std() > 0
+    np.testing.assert_array_equal(np.bincount(first.y_test), np.ones(10))
+
+    def no_extractor(*args: object, **kwargs: object) -> None:
+        raise AssertionError("cache miss: the extractor was built again")
+
+    monkeypatch.setattr(feat, "build_teacher", no_extractor)
+    again = feat.load_features(cfg, tmp_path)
+    np.testing.assert_array_equal(first.X_train, again.X_train)
+
+
+def test_paper_datasets_fail_at_once_naming_the_config_key(tmp_path) -> None:
+    t0 = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=r"set sd.features.root="):
+        feat.load_features({"kind": "torchvision", "dataset": "cifar100", "root": None}, tmp_path)
+    with pytest.raises(
+        FileNotFoundError, match=r"'flowers102' not found under sd.features.root=.*never downloads"
+    ):
+        feat.load_features({"kind": "torchvision", "dataset": "flowers102", "root": str(tmp_path)}, tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"sd.features.weights="):
+        feat.resnet34_extractor(tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match=r"sd.features.dataset='imagenet'.*'cifar100'"):
+        feat.load_features({"kind": "torchvision", "dataset": "imagenet", "root": "x"}, tmp_path)
+    with pytest.raises(ValueError, match=r"sd.features.kind='clip'.*'block', 'efficientnet', 'torchvision'"):
+        feat.load_features({"kind": "clip"}, tmp_path)
+    assert time.perf_counter() - t0 < 10  # no download attempt, no retries
+    assert not list(tmp_path.glob("*.npz"))
+
+
+def test_resnet34_extraction_path_on_fake_data(tmp_path) -> None:
+    """The paper's extractor on torchvision's FakeData with random weights saved as a local file."""
+    import torchvision
+
+    weights = tmp_path / "resnet34.pth"
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), weights)
+    model = feat.resnet34_extractor(weights)
+    data = torchvision.datasets.FakeData(
+        size=6, image_size=(3, 40, 40), num_classes=3, transform=feat.imagenet_transform(32)
+    )
+    X, y = feat.extract_dataset(model, data, batch_size=4, num_workers=0, desc="fake")
+    assert X.shape == (6, 512) and y.shape == (6,) and np.isfinite(X).all()
+    assert (X >= 0).all()  # post-ReLU average pool
