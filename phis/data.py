@@ -1,0 +1,454 @@
+"""Label-free image sets and the LightningDataModule that pairs images with (cached) teacher outputs.
+
+``OfflineImagePool`` makes a training pool out of the natural photos that ship inside installed
+packages (scikit-image, scikit-learn, matplotlib), so the whole pipeline runs without a network.
+
+Held-out data, two levels (no held-out pixel is ever seen in training):
+
+- ``val``: disjoint regions of the training photos. Each photo is cut along its long side into a
+  two-thirds training region and a one-third held-out band (left/right or top/bottom end, alternating
+  between photos); every crop lies inside one region. This measures generalization to unseen parts of
+  the scenes the student was trained on, the situation of a web-scale training set.
+- ``test``: whole photos never used in training (``TEST_SOURCES``: coffee, rocket, china, camera),
+  a much harder transfer with 14 training photos. The stereo motorcycle pair (two views of one scene)
+  stays together on the training side.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from phis.cache import TeacherCache
+
+log = logging.getLogger(__name__)
+
+# name → (package, path inside the package). Grayscale photos are replicated to three channels.
+SOURCES: dict[str, tuple[str, str]] = {
+    "astronaut": ("skimage", "data/astronaut.png"),
+    "chelsea": ("skimage", "data/chelsea.png"),
+    "coffee": ("skimage", "data/coffee.png"),
+    "rocket": ("skimage", "data/rocket.jpg"),
+    "hubble_deep_field": ("skimage", "data/hubble_deep_field.jpg"),
+    "immunohistochemistry": ("skimage", "data/ihc.png"),
+    "retina": ("skimage", "data/retina.jpg"),
+    "motorcycle_left": ("skimage", "data/motorcycle_left.png"),
+    "motorcycle_right": ("skimage", "data/motorcycle_right.png"),
+    "camera": ("skimage", "data/camera.png"),
+    "coins": ("skimage", "data/coins.png"),
+    "moon": ("skimage", "data/moon.png"),
+    "grass": ("skimage", "data/grass.png"),
+    "gravel": ("skimage", "data/gravel.png"),
+    "brick": ("skimage", "data/brick.png"),
+    "china": ("sklearn", "datasets/images/china.jpg"),
+    "flower": ("sklearn", "datasets/images/flower.jpg"),
+    "grace_hopper": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+}
+TEST_SOURCES = ("coffee", "rocket", "china", "camera")
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+_POOL_VERSION = 3
+
+
+def split_sources(split: str) -> tuple[str, ...]:
+    """Names of the source photos a split crops from (train and val share photos, not pixels)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if split == "test":
+        return TEST_SOURCES
+    return tuple(n for n in SOURCES if n not in TEST_SOURCES)
+
+
+def split_region(split: str, source_index: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the part of a photo a split may crop from.
+
+    Train gets two thirds of the long side and val the remaining band, at the end that alternates with
+    the photo's index; test photos are used whole.
+    """
+    if split == "test":
+        return 0, 0, height, width
+    long_is_width = width >= height
+    long = width if long_is_width else height
+    band = long // 3
+    band_first = source_index % 2 == 1
+    if split == "val":
+        start, length = (0, band) if band_first else (long - band, band)
+    else:
+        start, length = (band, long - band) if band_first else (0, long - band)
+    return (0, start, height, length) if long_is_width else (start, 0, length, width)
+
+
+@functools.cache
+def load_source(name: str) -> np.ndarray:
+    """One packaged photo as uint8 RGB ``[H, W, 3]``."""
+    if name not in SOURCES:
+        raise ValueError(f"unknown source photo {name!r}; choose one of {', '.join(SOURCES)}")
+    package, rel = SOURCES[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"source photo {name!r} needs the package {package!r}, which is not installed"
+        )
+    path = Path(spec.submodule_search_locations[0]) / rel
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def to_tensor(image: Image.Image) -> Tensor:
+    """PIL RGB image → float ``[3, H, W]`` in [0, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+
+
+class OfflineImagePool(Dataset):
+    """Deterministic random square crops (scale, position, flip) of the packaged photos of one split.
+
+    Item ``i`` depends only on (seed, split, i): its source is ``i mod n_sources`` (every photo equally
+    often), its crop side a uniform fraction in [min_scale, max_scale] of min(short side, long side / 3)
+    of that photo (the largest square that fits the held-out band), at a uniform position inside the
+    split's region. Images are rendered once, on first access, and kept in memory as uint8.
+    """
+
+    def __init__(
+        self,
+        split: str = "train",
+        size: int = 64,
+        count: int = 1024,
+        seed: int = 0,
+        min_scale: float = 0.3,
+        max_scale: float = 1.0,
+    ) -> None:
+        if count < 1 or size < 1:
+            raise ValueError(f"count and size must be positive, got count={count}, size={size}")
+        if not 0 < min_scale <= max_scale <= 1:
+            raise ValueError(f"need 0 < min_scale <= max_scale <= 1, got {min_scale}, {max_scale}")
+        self.split = split
+        self.source_names = split_sources(split)
+        self.size, self.count, self.seed = int(size), int(count), int(seed)
+        self.min_scale, self.max_scale = float(min_scale), float(max_scale)
+        self._images: Tensor | None = None  # [N, 3, S, S] uint8
+
+    def __len__(self) -> int:
+        return self.count
+
+    def source(self, index: int) -> int:
+        """Index into ``source_names`` of the photo item ``index`` was cropped from."""
+        return index % len(self.source_names)
+
+    def crop_box(self, index: int) -> tuple[int, int, int, bool]:
+        """(top, left, side, flip) of item ``index`` in its source photo."""
+        src = self.source(index)
+        photo = load_source(self.source_names[src])
+        rng = np.random.default_rng([self.seed, SPLITS.index(self.split), index])
+        h, w = photo.shape[:2]
+        r_top, r_left, r_h, r_w = split_region(self.split, src, h, w)
+        # Crop sides are fractions of one unit per photo that fits every split's region, so train, val
+        # and test crops of a photo share one scale distribution.
+        unit = min(h, w, max(h, w) // 3)
+        side = max(1, round(rng.uniform(self.min_scale, self.max_scale) * unit))
+        top = r_top + int(rng.integers(0, r_h - side + 1))
+        left = r_left + int(rng.integers(0, r_w - side + 1))
+        return top, left, side, bool(rng.random() < 0.5)
+
+    def render(self, index: int) -> Tensor:
+        """Item ``index`` as uint8 ``[3, S, S]``, computed from scratch."""
+        photo = load_source(self.source_names[self.source(index)])
+        top, left, side, flip = self.crop_box(index)
+        crop = Image.fromarray(photo[top : top + side, left : left + side])
+        if flip:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        crop = crop.resize((self.size, self.size), Image.Resampling.BICUBIC, reducing_gap=2.0)
+        return torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1)
+
+    @property
+    def images(self) -> Tensor:
+        """All items as uint8 ``[N, 3, S, S]`` (rendered on first use)."""
+        if self._images is None:
+            self._images = torch.stack([self.render(i) for i in range(self.count)])
+        return self._images
+
+    def __getitem__(self, index: int) -> Tensor:
+        """Float ``[3, S, S]`` in [0, 1]."""
+        return self.images[index].float() / 255.0
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything the pixels depend on (for cache keys)."""
+        return {
+            "kind": "offline_pool",
+            "version": _POOL_VERSION,
+            "split": self.split,
+            "sources": list(self.source_names),
+            "size": self.size,
+            "count": self.count,
+            "seed": self.seed,
+            "scale": [self.min_scale, self.max_scale],
+        }
+
+
+class ImageFolder(Dataset):
+    """Every image under ``root`` (recursively), resized on the short side and centre-cropped.
+
+    The held-out split is chosen per file by a hash of its relative path, so it is stable when files are
+    added and never shares an image with the training split.
+    """
+
+    def __init__(
+        self, root: str | os.PathLike, size: int = 224, split: str = "train", val_fraction: float = 0.05
+    ):
+        if split not in ("train", "val", "all"):
+            raise ValueError(f"unknown split {split!r}; choose one of train, val, all")
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+        self.root = Path(root).expanduser().resolve()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist")
+        self.size, self.split, self.val_fraction = int(size), split, float(val_fraction)
+        files = sorted(
+            p.relative_to(self.root) for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        self.files = [f for f in files if split == "all" or (self._is_val(f) == (split == "val"))]
+        if not self.files:
+            raise FileNotFoundError(
+                f"no images ({', '.join(IMAGE_EXTENSIONS)}) for split {split!r} under {self.root}"
+            )
+
+    def _is_val(self, rel: Path) -> bool:
+        digest = hashlib.sha1(str(rel).encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < self.val_fraction
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Tensor:
+        """Float ``[3, S, S]`` in [0, 1]."""
+        with Image.open(self.root / self.files[index]) as im:
+            im = im.convert("RGB")
+            scale = self.size / min(im.size)
+            w, h = max(self.size, round(im.width * scale)), max(self.size, round(im.height * scale))
+            im = im.resize((w, h), Image.Resampling.BICUBIC)
+            left, top = (w - self.size) // 2, (h - self.size) // 2
+            return to_tensor(im.crop((left, top, left + self.size, top + self.size)))
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Root, split and a digest of every file's path, size and modification time."""
+        digest = hashlib.sha256()
+        for rel in self.files:
+            st = (self.root / rel).stat()
+            digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return {
+            "kind": "image_folder",
+            "root": str(self.root),
+            "split": self.split,
+            "val_fraction": self.val_fraction,
+            "size": self.size,
+            "files": digest.hexdigest(),
+        }
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Batches fixed by the global step alone, so a run resumed from any checkpoint sees the same data.
+
+    Step g draws batch ``g mod E`` of the shuffle for virtual epoch ``g // E`` (E = steps per epoch),
+    the shuffle depending only on (seed, epoch). Each iteration starts at the trainer's current step
+    (``step_source``) and ends with that virtual epoch, so resuming mid-epoch needs no loop state.
+    Under data parallelism every rank takes its ``batch_size`` slice of the global batch.
+    """
+
+    def __init__(
+        self,
+        length: int,
+        batch_size: int,
+        seed: int = 0,
+        step_source: Callable[[], int] = lambda: 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.global_batch = batch_size * world_size
+        if length < self.global_batch:
+            raise ValueError(
+                f"training set has {length} images, fewer than one global batch "
+                f"({batch_size} x {world_size} ranks)"
+            )
+        self.length, self.batch_size, self.seed = length, batch_size, seed
+        self.step_source, self.rank = step_source, rank
+        self.steps_per_epoch = length // self.global_batch
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The shuffle of virtual epoch ``epoch``."""
+        return np.random.default_rng([self.seed, epoch]).permutation(self.length)
+
+    def batch(self, step: int) -> list[int]:
+        """This rank's indices for global step ``step``."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        start = k * self.global_batch + self.rank * self.batch_size
+        return self.order(epoch)[start : start + self.batch_size].tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        first = self.step_source()
+        epoch = first // self.steps_per_epoch
+        for step in range(first, (epoch + 1) * self.steps_per_epoch):
+            yield self.batch(step)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+
+class DistillDataset(Dataset):
+    """Images plus, when caches are given, the teachers' stored outputs for the same index."""
+
+    def __init__(self, images: Dataset, caches: Mapping[str, TeacherCache] | None = None) -> None:
+        self.images = images
+        self.caches = dict(caches or {})
+        for name, cache in self.caches.items():
+            if len(cache) != len(images):
+                raise ValueError(
+                    f"cache of teacher {name!r} has {len(cache)} items, the image set {len(images)}"
+                )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """One image and, with caches, its stored teacher outputs (``summary`` only where a teacher has one).
+
+        ``{"images": [3, S, S], "index": i, "targets": {name: {"features": [h, w, Cf], "summary": [Cs]}}}``
+        """
+        item: dict[str, Any] = {"images": self.images[index], "index": index}
+        if self.caches:
+            item["targets"] = {name: cache.item(index) for name, cache in self.caches.items()}
+        return item
+
+
+class DistillDataModule(pl.LightningDataModule):
+    """Serves training/held-out images with teacher targets, from the cache or (uncached) images only.
+
+    ``teachers`` maps a teacher name to its config (``build_teacher`` input). Teachers are only built when
+    a cache entry is missing or the cache is disabled (then the LightningModule runs them every step).
+    ``test`` is an optional second held-out set, evaluated at the end of training only.
+    """
+
+    def __init__(
+        self,
+        train: Dataset,
+        val: Dataset,
+        teachers: Mapping[str, Mapping[str, Any]],
+        test: Dataset | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        cache_enabled: bool = True,
+        cache_dir: str | os.PathLike = ".cache/phis",
+        cache_dtype: str = "float16",
+        cache_batch_size: int = 64,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not teachers:
+            raise ValueError("the teacher set is empty; choose a set with teachers=<set>")
+        self.sets = {"train": train, "val": val} | ({"test": test} if test is not None else {})
+        self.teacher_cfgs = {name: dict(cfg) for name, cfg in teachers.items()}
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.cache_enabled = cache_enabled
+        self.cache_batch_size = cache_batch_size
+        self._teachers: dict[str, Any] = {}
+        self._prepared = False
+        self.caches: dict[str, dict[str, TeacherCache]] = {}
+        if cache_enabled:
+            self.caches = {
+                split: {
+                    name: TeacherCache(cache_dir, name, cfg, images, dtype=cache_dtype)
+                    for name, cfg in self.teacher_cfgs.items()
+                }
+                for split, images in self.sets.items()
+            }
+
+    @property
+    def train_set(self) -> Dataset:
+        return self.sets["train"]
+
+    def teacher(self, name: str) -> Any:
+        """The teacher model ``name``, built on first use."""
+        if name not in self._teachers:
+            from phis.teachers import build_teacher
+
+            log.info("building teacher %s", name)
+            self._teachers[name] = build_teacher(self.teacher_cfgs[name])
+        return self._teachers[name]
+
+    @property
+    def teachers(self) -> dict[str, Any]:
+        """All teacher models (builds them)."""
+        return {name: self.teacher(name) for name in self.teacher_cfgs}
+
+    def prepare_data(self) -> None:
+        """Build every missing cache entry (building teachers only for those); runs once."""
+        if self._prepared:
+            return
+        for split in self.caches.values():
+            for name, cache in split.items():
+                cache.ensure(lambda n=name: self.teacher(n), self.cache_batch_size, self.num_workers)
+        if self.cache_enabled:  # with every output cached, the teacher models are no longer needed
+            self._teachers.clear()
+        self._prepared = True
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_data()
+
+    def teacher_specs(self) -> dict[str, dict[str, Any]]:
+        """Per teacher: summary_dim, feature_dim, grid (h, w), input_size, patch_size."""
+        if self.cache_enabled:
+            self.prepare_data()
+            return {name: cache.spec for name, cache in self.caches["train"].items()}
+        return {
+            name: {
+                "summary_dim": t.summary_dim,
+                "feature_dim": t.feature_dim,
+                "grid": (t.grid, t.grid),
+                "input_size": t.input_size,
+                "patch_size": t.patch_size,
+            }
+            for name, t in self.teachers.items()
+        }
+
+    def dataset(self, split: str) -> DistillDataset:
+        """Images of a split with their cached targets (if caching)."""
+        if split not in self.sets:
+            raise ValueError(f"no {split!r} set; this data module has {', '.join(self.sets)}")
+        return DistillDataset(self.sets[split], self.caches.get(split))
+
+    def _batches_done(self) -> int:
+        trainer = self.trainer
+        return 0 if trainer is None else trainer.global_step * trainer.accumulate_grad_batches
+
+    def train_dataloader(self) -> DataLoader:
+        data = self.dataset("train")
+        trainer = self.trainer
+        sampler = StepBatchSampler(
+            len(data),
+            self.batch_size,
+            self.seed,
+            step_source=self._batches_done,
+            rank=trainer.global_rank if trainer is not None else 0,
+            world_size=trainer.world_size if trainer is not None else 1,
+        )
+        return DataLoader(
+            data, batch_sampler=sampler, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
+        )
+
+    def heldout_dataloader(self, split: str = "val") -> DataLoader:
+        """Sequential batches of a held-out split."""
+        return DataLoader(self.dataset(split), batch_size=self.batch_size, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.heldout_dataloader("val")

@@ -1,0 +1,407 @@
+"""The distillation LightningModule: one student, per-teacher normalizers and losses, one training step.
+
+Per teacher t with targets (summary s_t, features y_t) and student predictions (ŝ_t, x̂_t):
+
+    loss = Σ_t  w_s · cosine(ŝ_t, s_t)  +  w_f · L(x̂_t, N_t(y_t))
+
+where N_t is the teacher's feature normalizer (PHI-S, whitening, …; identity for the plain baselines)
+and L the configured feature loss; with AdaLoss each term is divided by a running estimate of itself.
+The student head predicts in normalized space; ``predict`` maps back to teacher space with N_t⁻¹.
+
+Teachers are never submodules: they are not in checkpoints, so ``load_from_checkpoint`` needs only the
+per-teacher widths and grids kept in the hyperparameters. Targets normally come from the teacher cache
+(the batch holds them); with the cache disabled the teachers run on every batch under ``no_grad``.
+
+Stages: a stage is a stretch of training at one input resolution. Within a stage the normalizer
+statistics are estimated (first ``estimate_steps`` steps, refit every ``refit_every``; or fitted once
+from the teacher cache) and then frozen, and the trunk is frozen for the first ``freeze_trunk_steps``
+so only the heads chase the moving targets. A new resolution resets the statistics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from phis.cache import TeacherCache
+from phis.losses import AdaLoss, cosine, make_loss, mse
+from phis.normalizers import make_normalizer
+from phis.stats import StreamingMoments
+from phis.student import MultiTeacherViT
+
+NORMALIZER_FITS = ("cache", "schedule")
+RESAMPLE_TO = ("student", "teacher")
+RESAMPLE_MODES = ("bilinear", "bicubic", "nearest", "area")
+OPTIMIZERS = ("adamw", "lamb", "sgd")
+
+
+def resample_grid(y: Tensor, size: tuple[int, int], mode: str = "bilinear") -> Tensor:
+    """Resample channels-last maps ``y: [B, h, w, C]`` to ``[B, *size, C]`` (antialiased when shrinking)."""
+    if tuple(y.shape[1:3]) == tuple(size):
+        return y
+    if mode not in RESAMPLE_MODES:
+        raise ValueError(f"unknown resample mode {mode!r}; choose one of {', '.join(RESAMPLE_MODES)}")
+    shrink = size[0] < y.shape[1] or size[1] < y.shape[2]
+    kw: dict[str, Any] = {}
+    if mode in ("bilinear", "bicubic"):
+        kw = {"align_corners": False, "antialias": shrink}
+    out = F.interpolate(y.permute(0, 3, 1, 2), size=tuple(size), mode=mode, **kw)
+    return out.permute(0, 2, 3, 1)
+
+
+def _check_choice(what: str, value: str, choices: Iterable[str]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+
+
+class DistillModule(pl.LightningModule):
+    """Multi-teacher feature distillation (AM-RADIO) with configurable normalization (PHI-S)."""
+
+    def __init__(
+        self,
+        teachers: Mapping[str, Mapping[str, Any]],
+        student: Mapping[str, Any],
+        normalizer: Mapping[str, Any],
+        loss: Mapping[str, Any],
+        distill: Mapping[str, Any],
+        optim: Mapping[str, Any],
+        max_steps: int,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        d = dict(distill)
+        _check_choice("distill.normalizer_fit", d["normalizer_fit"], NORMALIZER_FITS)
+        _check_choice("distill.resample_to", d["resample_to"], RESAMPLE_TO)
+        _check_choice("distill.resample_mode", d["resample_mode"], RESAMPLE_MODES)
+        _check_choice("optim.name", optim["name"], OPTIMIZERS)
+        self.distill_cfg = d
+        self.teacher_names = list(teachers)
+        self.teacher_specs = {
+            name: {
+                "summary_dim": spec.get("summary_dim"),
+                "feature_dim": int(spec["feature_dim"]),
+                "grid": tuple(spec["grid"]),
+            }
+            for name, spec in teachers.items()
+        }
+        self.student = MultiTeacherViT(self.teacher_specs, **student)
+
+        norm_cfg = dict(normalizer)
+        norm_name = norm_cfg.pop("name")
+        if d["normalizer_fit"] == "cache":
+            norm_cfg.update(estimate_steps=0)
+        else:
+            norm_cfg.update(estimate_steps=d["estimate_steps"], refit_every=d["refit_every"])
+        self.normalizers = nn.ModuleDict(
+            {
+                n: make_normalizer(norm_name, s["feature_dim"], **norm_cfg)
+                for n, s in self.teacher_specs.items()
+            }
+        )
+        loss_cfg = dict(loss)
+        self.feature_loss = make_loss(loss_cfg.pop("name"), **loss_cfg)
+        self.adaloss = nn.ModuleDict()
+        if d["adaloss"]:
+            for n, s in self.teacher_specs.items():
+                self.adaloss[f"{n}_features"] = AdaLoss(d["adaloss_momentum"])
+                if s["summary_dim"]:
+                    self.adaloss[f"{n}_summary"] = AdaLoss(d["adaloss_momentum"])
+        self.register_buffer("stage_resolution", torch.tensor(-1, dtype=torch.int64))
+        self.register_buffer("stage_start", torch.tensor(0, dtype=torch.int64))
+        self._teachers: dict[str, nn.Module] = {}
+
+    # ------------------------------------------------------------------ targets and losses
+
+    def attach_teachers(self, teachers: Mapping[str, nn.Module]) -> None:
+        """Run these (frozen) teachers on every batch; they stay outside the module and its checkpoints."""
+        missing = set(self.teacher_names) - set(teachers)
+        if missing:
+            raise ValueError(
+                f"teachers {sorted(missing)} are missing; the module was built for {self.teacher_names}"
+            )
+        self._teachers = {n: teachers[n].eval().requires_grad_(False) for n in self.teacher_names}
+
+    @torch.no_grad()
+    def targets(self, batch: Mapping[str, Any]) -> dict[str, tuple[Tensor | None, Tensor]]:
+        """Teacher-space targets per teacher: (summary [B, Cs] or None, features [B, h, w, Cf]), float32."""
+        if "targets" in batch:
+            return {
+                n: (t["summary"].float() if "summary" in t else None, t["features"].float())
+                for n, t in batch["targets"].items()
+            }
+        if not self._teachers:
+            raise RuntimeError("the batch carries no cached teacher outputs and no teachers are attached")
+        out = {}
+        for n, teacher in self._teachers.items():
+            o = teacher(batch["images"])
+            out[n] = (
+                None if o.summary is None else o.summary.float(),
+                o.features.float().permute(0, 2, 3, 1),
+            )
+        return out
+
+    def _align(self, pred: Tensor, grid: tuple[int, int], y: Tensor) -> tuple[Tensor, Tensor]:
+        """Bring prediction ``[B, h*w, C]`` and target ``[B, h', w', C]`` to one grid → two ``[B, N, C]``."""
+        mode = self.distill_cfg["resample_mode"]
+        if self.distill_cfg["resample_to"] == "student":
+            return pred, resample_grid(y, grid, mode).flatten(1, 2)
+        pred = resample_grid(pred.unflatten(1, grid), tuple(y.shape[1:3]), mode)
+        return pred.flatten(1, 2), y.flatten(1, 2)
+
+    def _terms(
+        self, out: Any, targets: Mapping[str, tuple], update_stats: bool, teacher_space: bool = True
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total loss and per-teacher logs (normalized-space loss and MSE, summary cosine loss, and with
+        ``teacher_space`` the teacher-space MSE, which costs a [C, C] product per token)."""
+        d = self.distill_cfg
+        total = torch.zeros((), device=self.device)
+        logs: dict[str, Tensor] = {}
+        for n in self.teacher_names:
+            summary_t, feats_t = targets[n]
+            norm = self.normalizers[n]
+            pred, y = self._align(out.features[n], out.grid, feats_t)
+            if update_stats:
+                norm.step(y, int(self.global_step) - int(self.stage_start))
+            x = norm(y)
+            feat_loss = self.feature_loss(pred, x)
+            term = d["feature_weight"] * (
+                self.adaloss[f"{n}_features"](feat_loss) if self.adaloss else feat_loss
+            )
+            logs[f"{n}/feat_loss"] = feat_loss.detach()
+            with torch.no_grad():
+                logs[f"{n}/mse_norm"] = mse(pred, x)
+                if teacher_space:
+                    logs[f"{n}/mse_teacher"] = mse(norm.denormalize(pred), y)
+            if summary_t is not None and n in out.summaries:
+                s_loss = cosine(out.summaries[n], summary_t)
+                term = term + d["summary_weight"] * (
+                    self.adaloss[f"{n}_summary"](s_loss) if self.adaloss else s_loss
+                )
+                logs[f"{n}/summary_loss"] = s_loss.detach()
+            total = total + term
+        logs["loss"] = total.detach()
+        return total, logs
+
+    def _begin_stage_if_new(self, resolution: int) -> None:
+        """A new input resolution starts a stage: statistics restart, the trunk freeze counts anew."""
+        if int(self.stage_resolution) == resolution:
+            return
+        if int(self.stage_resolution) >= 0 and self.distill_cfg["normalizer_fit"] == "schedule":
+            for norm in self.normalizers.values():
+                norm.reset()
+        self.stage_resolution.fill_(resolution)
+        self.stage_start.fill_(int(self.global_step))
+
+    def _step_generator(self) -> torch.Generator:
+        # Randomness (CPE windows) depends only on (seed, step), so a resumed run draws the same values.
+        return torch.Generator().manual_seed(int(self.hparams.seed) * 1_000_003 + int(self.global_step))
+
+    def distill_loss(self, batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """One training step's loss and logs: stage bookkeeping, targets, (partly frozen) forward, terms."""
+        images = batch["images"]
+        self._begin_stage_if_new(int(images.shape[-1]))
+        targets = self.targets(batch)
+        frozen = int(self.global_step) - int(self.stage_start) < self.distill_cfg["freeze_trunk_steps"]
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            tokens, grid = self.student.forward_trunk(images, self._step_generator())
+        out = self.student.heads(tokens, grid)
+        # Teacher-space errors are only computed on the steps the trainer logs.
+        every = self.trainer.log_every_n_steps if self._trainer is not None else 1
+        logged = (int(self.global_step) + 1) % every == 0
+        loss, logs = self._terms(out, targets, update_stats=True, teacher_space=logged)
+        logs["trunk_frozen"] = torch.tensor(float(frozen))
+        return loss, logs
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        loss, logs = self.distill_loss(batch)
+        if not torch.isfinite(logs["loss"]):
+            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in logs.items() if "/" in k)
+            raise FloatingPointError(
+                f"non-finite training loss ({float(logs['loss'])}) at step {int(self.global_step)}; "
+                f"per-teacher terms: {terms}. Stopping; the last good checkpoint is kept"
+            )
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False)
+        self.log("loss", logs["loss"], prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        return loss
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        out = self.student(batch["images"])
+        _, logs = self._terms(out, self.targets(batch), update_stats=False)
+        self.log_dict(
+            {f"val/{k}": v for k, v in logs.items()}, on_epoch=True, batch_size=len(batch["images"])
+        )
+
+    # ------------------------------------------------------------------ normalizer statistics
+
+    def on_fit_start(self) -> None:
+        """Attach uncached teachers and fit normalizers from the cache when configured."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None:
+            raise RuntimeError(
+                "DistillModule is trained with a DistillDataModule (trainer.fit(module, datamodule=dm))"
+            )
+        if not dm.cache_enabled and not self._teachers:
+            self.attach_teachers(dm.teachers)
+        for teacher in self._teachers.values():
+            teacher.to(self.device)
+        if self.distill_cfg["normalizer_fit"] == "cache":
+            if not dm.cache_enabled:
+                raise ValueError(
+                    "distill.normalizer_fit=cache needs the teacher cache; set cache.enabled=true or "
+                    "distill.normalizer_fit=schedule"
+                )
+            resolution = int(dm.train_set.size)
+            fitted = all(norm.fitted for norm in self.normalizers.values())
+            if not fitted or int(self.stage_resolution) != resolution:
+                self.fit_normalizers(dm.caches["train"], resolution)
+
+    @torch.no_grad()
+    def fit_normalizers(
+        self, caches: Mapping[str, TeacherCache], resolution: int, batch_size: int = 256
+    ) -> None:
+        """Fit every normalizer once from the cached training-set features (as the loss will see them)."""
+        grid = self.student.grid_for(resolution, resolution)
+        for n in self.teacher_names:
+            norm, cache = self.normalizers[n], caches[n]
+            norm.reset()
+            if norm.uses_statistics:
+                if self.distill_cfg["resample_to"] == "teacher" or tuple(cache.spec["grid"]) == grid:
+                    norm.stats.merge_(cache.moments().to(norm.stats.mean.device))
+                else:
+                    for y in cache.feature_batches(batch_size):
+                        norm.update(resample_grid(y, grid, self.distill_cfg["resample_mode"]))
+            norm.fit()
+
+    # ------------------------------------------------------------------ optimization
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = dict(self.hparams.optim)
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            # Biases, norms, position table and prefix tokens are not weight-decayed.
+            (no_decay if p.ndim <= 1 or name.endswith(("pos_table", "prefix")) else decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": o["weight_decay"]},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        if o["name"] == "adamw":
+            opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]))
+        elif o["name"] == "lamb":
+            from timm.optim import Lamb
+
+            opt = Lamb(groups, lr=o["lr"], betas=tuple(o["betas"]))
+        else:
+            opt = torch.optim.SGD(groups, lr=o["lr"], momentum=o["betas"][0])
+        warmup, total, floor = int(o["warmup_steps"]), int(self.hparams.max_steps), float(o["min_lr_ratio"])
+
+        def factor(step: int) -> float:
+            # Linear warmup, then cosine decay to min_lr_ratio · lr at max_steps.
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ evaluation API
+
+    def _grid_maps(self, feats: Tensor, grid: tuple[int, int], name: str) -> Tensor:
+        """Student-grid tokens ``[B, h*w, C]`` → maps on the teacher's grid ``[B, C, h', w']``."""
+        maps = resample_grid(
+            feats.unflatten(1, grid), self.teacher_specs[name]["grid"], self.distill_cfg["resample_mode"]
+        )
+        return maps.permute(0, 3, 1, 2)
+
+    @torch.no_grad()
+    def predict_normalized(self, images: Tensor) -> dict[str, Any]:
+        """Per teacher, TeacherOutput in normalized space: summary [B, Cs] or None, features [B, Cf, h, w]."""
+        from phis.teachers import TeacherOutput
+
+        out = self.student(images)
+        return {
+            n: TeacherOutput(out.summaries.get(n), self._grid_maps(out.features[n], out.grid, n))
+            for n in self.teacher_names
+        }
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> dict[str, Any]:
+        """Per teacher, TeacherOutput in teacher space (denormalized, on the teacher's feature grid)."""
+        from phis.teachers import TeacherOutput
+
+        out = self.student(images)
+        res = {}
+        for n in self.teacher_names:
+            feats = self.normalizers[n].denormalize(out.features[n])
+            res[n] = TeacherOutput(out.summaries.get(n), self._grid_maps(feats, out.grid, n))
+        return res
+
+    @torch.no_grad()
+    def embed(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Trunk summary ``[B, D]`` and trunk patch features ``[B, D, h, w]`` (for probes, kNN, RankMe)."""
+        tokens, grid = self.student.forward_trunk(images)
+        patches = tokens[:, self.student.num_prefix :]
+        return tokens[:, 0], patches.unflatten(1, grid).permute(0, 3, 1, 2)
+
+    def fold_normalizers(self) -> MultiTeacherViT:
+        """A copy of the student whose feature heads output teacher space directly (Θ, μ folded in)."""
+        folded = copy.deepcopy(self.student)
+        for n, head in folded.feature_heads.items():
+            head.final = self.normalizers[n].fold_into(head.final)
+        return folded
+
+    @torch.no_grad()
+    def heldout_metrics(self, batches: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Per teacher, on held-out batches: teacher-space MSE, target variance and the explained fraction.
+
+        Errors are measured on the teacher's own grid against the raw targets; ``variance`` is the mean
+        per-channel variance of the held-out targets (tr Σ / C), so ``explained = 1 − MSE / variance`` is
+        0 for predicting the held-out mean itself. ``summary_cosine`` is the mean cosine similarity of
+        predicted and true summaries.
+        """
+        was_training = self.training
+        self.eval()
+        acc: dict[str, dict[str, Any]] = {
+            n: {"sse": 0.0, "moments": StreamingMoments(s["feature_dim"]).to(self.device), "cos": 0.0, "m": 0}
+            for n, s in self.teacher_specs.items()
+        }
+        for batch in batches:
+            images = batch["images"].to(self.device)
+            preds = self.predict(images)
+            targets = self.targets({**batch, "images": images})
+            for n, a in acc.items():
+                summary_t, y = targets[n]
+                y = y.to(self.device)  # [B, h, w, C]
+                x = preds[n].features.permute(0, 2, 3, 1)
+                a["sse"] += float((x.double() - y.double()).square().sum())
+                a["moments"].update(y)
+                if summary_t is not None and preds[n].summary is not None:
+                    cos = F.cosine_similarity(preds[n].summary.double(), summary_t.to(self.device).double())
+                    a["cos"] += float(cos.sum())
+                    a["m"] += len(images)
+        self.train(was_training)
+        res = {}
+        for n, a in acc.items():
+            m = a["moments"]
+            variance = float(m.variance.mean())
+            mse_t = a["sse"] / (float(m.count) * m.dim)
+            res[n] = {
+                "mse_teacher": mse_t,
+                "variance": variance,
+                "explained": 1.0 - mse_t / variance if variance > 0 else math.nan,
+                "summary_cosine": a["cos"] / a["m"] if a["m"] else None,
+                "tokens": int(m.count),
+            }
+        return res

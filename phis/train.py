@@ -1,0 +1,254 @@
+"""Training entry point: ``python -m phis.train [group=choice ...]`` (Hydra; config in conf/train.yaml).
+
+A run writes into its output directory: ``checkpoints/last.ckpt``, the resolved config (Hydra's
+``.hydra/`` and ``config_resolved.yaml``), ``csv/metrics.csv`` and ``results.json``. Running again into
+a directory whose results.json is finished does nothing; with a ``checkpoints/last.ckpt`` the run
+resumes from it (same data order and randomness, so it ends where an uninterrupted run would).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from omegaconf import DictConfig, OmegaConf
+
+from phis.data import DistillDataModule
+from phis.module import DistillModule
+from phis.results import RESULTS_FILE, atomic_write_json, atomic_write_text, is_finished, read_json
+
+log = logging.getLogger("phis.train")
+
+
+class LastCheckpoint(Callback):
+    """Rewrites ``last.ckpt`` atomically every n epochs and when training ends.
+
+    The file is written beside the old one and renamed over it: a run killed at any moment leaves
+    either the previous complete checkpoint or the new one. (The data order depends only on the global
+    step, see ``phis.data.StepBatchSampler``, so resuming from any step replays the same batches.)
+    """
+
+    def __init__(self, path: Path, every_n_epochs: int = 1) -> None:
+        self.path, self.every_n_epochs = Path(path), every_n_epochs
+        self._saved_step = -1
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        if trainer.global_step == self._saved_step:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            tmp.replace(self.path)
+        self._saved_step = trainer.global_step
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save(trainer)
+
+
+def teacher_set(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """Teacher name → teacher config of the chosen set (the name is the set's key)."""
+    teachers = OmegaConf.to_container(cfg.teachers, resolve=True) if cfg.get("teachers") else None
+    if not isinstance(teachers, dict) or not teachers:
+        raise ValueError("the teacher set is empty; choose one with teachers=<set> (see conf/teachers/)")
+    out = {}
+    for key, tcfg in teachers.items():
+        if not isinstance(tcfg, dict) or "family" not in tcfg:
+            raise ValueError(f"teachers.{key} is not a teacher config (it needs a 'family'); got {tcfg!r}")
+        out[key] = {**tcfg, "name": key}
+    return out
+
+
+def build_datamodule(cfg: DictConfig) -> DistillDataModule:
+    """Image sets of the data group plus the teacher set, served with cached targets."""
+    return DistillDataModule(
+        train=instantiate(cfg.data.train),
+        val=instantiate(cfg.data.val),
+        test=instantiate(cfg.data.test) if cfg.data.get("test") else None,
+        teachers=teacher_set(cfg),
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+        cache_enabled=cfg.cache.enabled,
+        cache_dir=cfg.cache.dir,
+        cache_dtype=cfg.cache.dtype,
+        cache_batch_size=cfg.cache.batch_size,
+        seed=cfg.seed,
+    )
+
+
+def build_module(cfg: DictConfig, specs: dict[str, dict[str, Any]]) -> DistillModule:
+    """The LightningModule for the chosen student, method and optimizer."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    return DistillModule(
+        teachers={n: {**s, "grid": list(s["grid"])} for n, s in specs.items()},
+        student=plain["student"],
+        normalizer=plain["normalizer"],
+        loss=plain["loss"],
+        distill=plain["distill"],
+        optim=plain["optim"],
+        max_steps=cfg.trainer.max_steps,
+        seed=cfg.seed,
+    )
+
+
+def check_resume(path: Path, module: DistillModule) -> None:
+    """Refuse to resume a checkpoint trained for other teachers, teacher widths or another student."""
+    saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["hyper_parameters"]
+    if set(saved["teachers"]) != set(module.teacher_specs):
+        raise ValueError(
+            f"cannot resume {path}: it was trained for teachers {sorted(saved['teachers'])}, this run has "
+            f"{sorted(module.teacher_specs)}; use a new output directory"
+        )
+    for n, spec in module.teacher_specs.items():
+        for key in ("feature_dim", "summary_dim"):
+            if saved["teachers"][n].get(key) != spec[key]:
+                raise ValueError(
+                    f"cannot resume {path}: teacher {n!r} has {key}={spec[key]} now but "
+                    f"{saved['teachers'][n].get(key)} in the checkpoint; use a new output directory"
+                )
+    if saved["student"] != dict(module.hparams.student):
+        raise ValueError(
+            f"cannot resume {path}: the student config differs ({saved['student']} there, "
+            f"{dict(module.hparams.student)} now); use a new output directory"
+        )
+
+
+def heldout_results(module: DistillModule, dm: DistillDataModule, split: str) -> dict[str, dict[str, Any]]:
+    """Per teacher on a held-out split: teacher-space MSE, explained fraction, summary cosine.
+
+    With the cache, ``explained_train_mean`` adds the explained fraction of the trivial predictor that
+    outputs the training-set mean feature everywhere, the baseline a student has to beat.
+    """
+    res = module.heldout_metrics(dm.heldout_dataloader(split))
+    if dm.cache_enabled:
+        for n, r in res.items():
+            held, train = dm.caches[split][n].moments(), dm.caches["train"][n].moments()
+            # Its MSE is Var_held + (μ_held − μ_train)², averaged over channels.
+            base = float((held.variance + (held.mean - train.mean).square()).mean())
+            r["explained_train_mean"] = 1.0 - base / r["variance"]
+    return res
+
+
+def external_evaluation(module: DistillModule, cfg: DictConfig) -> dict[str, Any] | None:
+    """phis.eval.evaluate_module's results, when enabled and available."""
+    if not cfg.eval.enabled or importlib.util.find_spec("phis.eval") is None:
+        return None
+    evaluate = getattr(importlib.import_module("phis.eval"), "evaluate_module", None)
+    if evaluate is None:
+        log.warning("phis.eval has no evaluate_module; skipping downstream evaluation")
+        return None
+    return evaluate(module, cfg)
+
+
+def _choices() -> dict[str, Any]:
+    return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+
+
+def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Run (or resume, or skip) one distillation job; returns what it wrote to results.json."""
+    out = Path(cfg.output_dir)
+    if is_finished(out):
+        log.info(
+            "%s is finished; skipping (delete it or pick another output dir to rerun)", out / RESULTS_FILE
+        )
+        return read_json(out / RESULTS_FILE)
+    atomic_write_text(out / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    pl.seed_everything(cfg.seed, workers=True)
+    # Pretrained CNN teachers produce subnormal floats that make CPU inference ~3x slower; flush them.
+    torch.set_flush_denormal(True)
+
+    start = time.perf_counter()
+    dm = build_datamodule(cfg)
+    specs = dm.teacher_specs()
+    cache_s = time.perf_counter() - start
+    module = build_module(cfg, specs)
+    last = out / "checkpoints" / "last.ckpt"
+    resume = last if last.is_file() else None
+    if resume is not None:
+        check_resume(resume, module)
+        log.info("resuming from %s", resume)
+
+    checkpoint = LastCheckpoint(last, cfg.checkpoint.every_n_epochs)
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    bars = [TQDMProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, logger=logger, callbacks=[checkpoint, *bars, *callbacks], default_root_dir=str(out)
+    )
+    fit_start = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    except FloatingPointError as err:
+        msg = f"{err}. Last good checkpoint: {last if last.is_file() else 'none yet'}"
+        log.error(msg)
+        if trainer.is_global_zero:
+            atomic_write_json(out / RESULTS_FILE, {"status": "failed", "error": msg, "choices": _choices()})
+        raise FloatingPointError(msg) from err
+    fit_s = time.perf_counter() - fit_start
+    if not trainer.is_global_zero:
+        return {}
+
+    eval_start = time.perf_counter()
+    heldout = {split: heldout_results(module, dm, split) for split in dm.sets if split != "train"}
+    stats = {n: c.activation_stats() for n, c in dm.caches["train"].items()} if dm.cache_enabled else None
+    external = external_evaluation(module, cfg)
+    steps = int(trainer.global_step)
+    results: dict[str, Any] = {
+        "name": cfg.name,
+        "choices": _choices(),
+        "method": {"normalizer": cfg.normalizer.name, "loss": cfg.loss.name, "adaloss": cfg.distill.adaloss},
+        "heldout": heldout,
+        "teacher_stats": stats,
+        "steps": steps,
+        "resumed_from": str(resume) if resume else None,
+        "timing_s": {
+            "teacher_cache": round(cache_s, 2),
+            "fit": round(fit_s, 2),
+            "evaluation": round(time.perf_counter() - eval_start, 2),
+        },
+        "final_train": {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith("train/") and v.numel() == 1
+        },
+    }
+    if external is not None:
+        results["eval"] = external
+    finite = all(math.isfinite(r["mse_teacher"]) for split in heldout.values() for r in split.values())
+    results["status"] = "finished" if finite else "failed"
+    atomic_write_json(out / RESULTS_FILE, results)
+    for split, per_teacher in heldout.items():
+        for n, r in per_teacher.items():
+            log.info(
+                "%s %s: teacher-space MSE %.4g, explained %.3f (train-mean predictor %.3f)",
+                split,
+                n,
+                r["mse_teacher"],
+                r["explained"],
+                r.get("explained_train_mean", math.nan),
+            )
+    log.info("wrote %s", out / RESULTS_FILE)
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

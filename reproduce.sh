@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# Regenerate every table and figure of the PHI-S and SD-PLL reproductions with one command.
+#
+#   ./reproduce.sh                          # mini: offline teachers, 2 seeds, every table (~1 h, 2 cores)
+#   ./reproduce.sh --profile smoke          # every table from tiny runs (a few minutes)
+#   ./reproduce.sh --profile paper --dry-run                  # compose every paper-scale job, run nothing
+#   ./reproduce.sh --profile paper --launcher slurm           # paper scale through hydra-submitit (SLURM)
+#
+# Options: --profile smoke|mini|paper   --launcher local|slurm   --dry-run   --only all|phis|sd
+#          --runs DIR (run outputs, default outputs/reproduce)   --results DIR (tables and figures;
+#          default experiments/results for mini, <runs>/<profile>/tables otherwise)
+#          --lanes N (local launcher: the seeds of the method sweep run as N multiruns side by side;
+#          default 2 for mini, else 1)
+# Sweep directories are deterministic (<runs>/<profile>/<experiment>/<method>/seed_<n>): running again
+# skips finished jobs, resumes interrupted ones from last.ckpt and retries failed ones.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PROFILES=(smoke mini paper)
+PROFILE=mini
+LAUNCHER=local
+DRY_RUN=0
+ONLY=all
+RUNS=outputs/reproduce
+RESULTS=""
+LANES=""
+
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
+die() { echo "reproduce.sh: $*" >&2; exit 2; }
+need() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --profile) need "$@"; PROFILE="$2"; shift 2 ;;
+    --launcher) need "$@"; LAUNCHER="$2"; shift 2 ;;
+    --only) need "$@"; ONLY="$2"; shift 2 ;;
+    --runs) need "$@"; RUNS="$2"; shift 2 ;;
+    --results) need "$@"; RESULTS="$2"; shift 2 ;;
+    --lanes) need "$@"; LANES="$2"; shift 2 ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) die "unknown argument '$1'; valid: --profile {${PROFILES[*]}} --launcher {local,slurm} --only {all,phis,sd} --runs DIR --results DIR --dry-run" ;;
+  esac
+done
+
+[[ " ${PROFILES[*]} " == *" $PROFILE "* ]] || die "unknown profile '$PROFILE'; choose one of: ${PROFILES[*]}"
+[[ "$LAUNCHER" == local || "$LAUNCHER" == slurm ]] || die "unknown launcher '$LAUNCHER'; choose one of: local slurm"
+[[ "$ONLY" == all || "$ONLY" == phis || "$ONLY" == sd ]] || die "unknown --only '$ONLY'; choose one of: all phis sd"
+if [[ -z "$LANES" ]]; then if [[ "$PROFILE" == mini ]]; then LANES=2; else LANES=1; fi; fi
+[[ "$LANES" =~ ^[1-9][0-9]*$ ]] || die "--lanes must be a positive integer, got '$LANES'"
+
+if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+if [[ -z "$RESULTS" ]]; then
+  if [[ "$PROFILE" == mini ]]; then RESULTS=experiments/results; else RESULTS="$RUNS/$PROFILE/tables"; fi
+fi
+LAUNCH=()
+DRY_LAUNCH=()
+if [[ "$LAUNCHER" == slurm ]]; then LAUNCH=(launcher=slurm); DRY_LAUNCH=(--launcher slurm); fi
+# CPU profiles: one math thread per process. Multi-threaded jobs on a small, shared CPU spend most of
+# their time spin-waiting for each other (measured here: evaluation 30 s instead of > 6 min).
+if [[ "$PROFILE" != paper ]]; then
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
+fi
+COMMON=("+profile=$PROFILE" "reproduce.runs=$RUNS" "reproduce.tables=$RESULTS/phis" "${LAUNCH[@]}")
+START=$SECONDS
+
+stage() { echo; echo "=== [reproduce $PROFILE] $* ($(( SECONDS - START )) s elapsed)"; }
+
+if [[ $DRY_RUN == 1 ]]; then
+  if [[ "$ONLY" != sd ]]; then
+    stage "dry run: composing every PHI-S job config"
+    "$PY" -m experiments.phis_tables dry-run --profile "$PROFILE" "${DRY_LAUNCH[@]}" \
+      "reproduce.runs=$RUNS" "reproduce.tables=$RESULTS/phis"
+  fi
+  if [[ "$ONLY" != phis ]]; then
+    stage "dry run: composing the SD-PLL paper-table config"
+    "$PY" -m phis.selfdistill.run sd_experiment=paper_table --cfg job --resolve > /dev/null
+  fi
+  stage "dry run done: every job config resolves"
+  exit 0
+fi
+
+phis_sweep() {  # $1: experiment; a failed job stops the sweep, so aggregate what finished and fail
+  local exp="$1" sweep="$RUNS/$PROFILE/phis_methods"
+  stage "PHI-S: $exp multirun -> $sweep"
+  if ! "$PY" -m phis.train -m "experiment=$exp" "${COMMON[@]}"; then
+    echo "[reproduce] $exp: a job failed; tables from what finished, then stopping (rerun to retry)" >&2
+    "$PY" -m experiments.phis_tables aggregate "$sweep" "$RESULTS/phis" || true
+    exit 1
+  fi
+}
+
+phis_lanes() {  # the method sweep as LANES multiruns side by side, seeds dealt round-robin, then the tables
+  local sweep="$RUNS/$PROFILE/phis_methods" logs="$RUNS/$PROFILE/logs" seeds lane pids=() failed=0
+  seeds=$(sed -n 's/^ *seed: *//p' "conf/profile/$PROFILE.yaml" | tail -1)
+  IFS=, read -r -a seeds <<< "$seeds"
+  mkdir -p "$logs"
+  for (( lane = 0; lane < LANES && lane < ${#seeds[@]}; lane++ )); do
+    local mine=() i
+    for (( i = lane; i < ${#seeds[@]}; i += LANES )); do mine+=("${seeds[$i]}"); done
+    local list; list=$(IFS=,; echo "${mine[*]}")
+    stage "PHI-S: phis_methods lane $lane (seeds $list) -> $sweep, log $logs/phis_methods_lane$lane.log"
+    "$PY" -m phis.train -m experiment=phis_methods "${COMMON[@]}" "seed=$list" "~hydra.callbacks.aggregate" \
+      > "$logs/phis_methods_lane$lane.log" 2>&1 &
+    pids+=($!)
+  done
+  for lane in "${!pids[@]}"; do
+    if ! wait "${pids[$lane]}"; then failed=1; echo "[reproduce] lane $lane failed; see its log" >&2; fi
+  done
+  stage "PHI-S: aggregating $sweep"
+  "$PY" -m experiments.phis_tables aggregate "$sweep" "$RESULTS/phis"
+  if [[ $failed == 1 ]]; then echo "[reproduce] a job failed; rerun to retry it" >&2; exit 1; fi
+}
+
+if [[ "$ONLY" != sd ]]; then
+  if [[ $LANES -gt 1 && "$LAUNCHER" == local ]]; then phis_lanes; else phis_sweep phis_methods; fi
+  phis_sweep phis_analyses
+  if [[ "$LAUNCHER" == slurm ]]; then
+    echo "[reproduce] SLURM: each sweep's tables are written by its on_multirun_end hook on this host"
+  fi
+fi
+
+if [[ "$ONLY" != phis ]]; then
+  if [[ "$PROFILE" == paper ]]; then
+    stage "SD-PLL: paper-table multirun (needs the paper's datasets; see conf/sd_experiment/paper_table.yaml)"
+    "$PY" -m phis.selfdistill.run -m sd_experiment=paper_table "tables_dir=$RESULTS/selfdistill" \
+      "hydra.sweep.dir=$RUNS/$PROFILE/selfdistill/paper_table"
+  else
+    stage "SD-PLL: $PROFILE study -> $RESULTS/selfdistill"
+    "$PY" -m experiments.selfdistill run --profile "$PROFILE" --out "$RESULTS/selfdistill" \
+      --sweeps "$RUNS/$PROFILE/selfdistill"
+  fi
+fi
+
+stage "done in $(( SECONDS - START )) s"
+if [[ "$ONLY" != sd ]]; then echo "PHI-S tables and figures: $RESULTS/phis/README.md"; fi
+if [[ "$ONLY" != phis ]]; then echo "SD-PLL tables and figures: $RESULTS/selfdistill/"; fi
+exit 0

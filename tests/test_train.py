@@ -1,0 +1,268 @@
+"""End-to-end training through the real Hydra config: every method, resume, NaN stop, bad choices."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig, open_dict
+
+from phis.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
+
+# Tiny random teachers (4x4 grids at 32 px) and a one-block student with 8-px patches (4x4 grid);
+# 64 training images in batches of 16 make 4-step epochs.
+TINY = [
+    "teachers=tiny",
+    "student.img_size=32",
+    "student.num_registers=2",
+    "student.head_hidden_dim=32",
+    "++student.trunk_kwargs={patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2}",
+    "data.train.count=64",
+    "data.val.count=16",
+    "data.test.count=16",
+    "data.batch_size=16",
+    "trainer.max_steps=8",
+    "trainer.log_every_n_steps=1",
+    "trainer.check_val_every_n_epoch=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "optim.warmup_steps=2",
+    "eval.enabled=false",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One teacher cache for the whole session: the tiny teachers run once per image set."""
+    return tmp_path_factory.mktemp("teacher_cache")
+
+
+def make_cfg(out: Path, cache: Path, *overrides: str) -> DictConfig:
+    """The real conf/train.yaml composed with tiny overrides, as Hydra would hand it to main()."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[*TINY, f"output_dir={out}", f"cache.dir={cache}", *overrides],
+            return_hydra_config=True,
+        )
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra
+    return cfg
+
+
+def final_state(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_and_reports(method: str, tmp_path, cache_dir) -> None:
+    res = train(make_cfg(tmp_path, cache_dir, f"method={method}"))
+    assert len(METHODS) == 12
+    assert res["status"] == "finished" and res["steps"] == 8 and res["choices"]["method"] == method
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["status"] == "finished" and on_disk["method"] == res["method"]
+    assert res["method"]["adaloss"] == method.startswith("ada_")
+    for split in ("val", "test"):
+        per_teacher = res["heldout"][split]
+        assert set(per_teacher) == {"clip", "siglip", "dinov2", "sam"}
+        for r in per_teacher.values():
+            assert r["mse_teacher"] >= 0 and r["variance"] > 0 and r["explained"] < 1
+        assert (
+            per_teacher["sam"]["summary_cosine"] is None and -1 <= per_teacher["clip"]["summary_cosine"] <= 1
+        )
+    assert set(res["teacher_stats"]["sam"]) >= {"channel_mean_min", "global_std", "alpha_phis"}
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and (
+        tmp_path / "config_resolved.yaml"
+    ).is_file()
+    assert (tmp_path / "csv" / "version_0" / "metrics.csv").is_file()
+
+
+class Recorder(Callback):
+    """Copies of the trunk's first weight and of one head's weight before every step."""
+
+    def __init__(self) -> None:
+        self.trunk, self.head = [], []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.trunk.append(module.student.trunk.patch_embed.proj.weight.detach().clone())
+        self.head.append(module.student.feature_heads["clip"].final.weight.detach().clone())
+
+
+def test_schedule_estimation_and_trunk_freeze(tmp_path, cache_dir) -> None:
+    """Statistics estimated while training (refit every 2 steps, frozen after 4); trunk frozen for 3 steps."""
+    rec = Recorder()
+    res = train(
+        make_cfg(
+            tmp_path,
+            cache_dir,
+            "distill.normalizer_fit=schedule",
+            "distill.estimate_steps=4",
+            "distill.refit_every=2",
+            "distill.freeze_trunk_steps=3",
+        ),
+        callbacks=[rec],
+    )
+    assert res["status"] == "finished"
+    assert all(torch.equal(rec.trunk[0], w) for w in rec.trunk[1:4]) and not torch.equal(
+        rec.trunk[3], rec.trunk[4]
+    )
+    assert not torch.equal(rec.head[0], rec.head[1])  # heads train from the first step
+    state = final_state(tmp_path)
+    assert int(state["normalizers.clip.stats.count"]) == 4 * 16 * 16  # 4 steps x 16 images x 16 tokens
+    assert bool(state["normalizers.clip._frozen"])
+
+
+def test_uncached_teachers_run_every_step(tmp_path, cache_dir) -> None:
+    res = train(
+        make_cfg(
+            tmp_path,
+            cache_dir,
+            "cache.enabled=false",
+            "distill.normalizer_fit=schedule",
+            "trainer.max_steps=4",
+        )
+    )
+    assert res["status"] == "finished" and res["teacher_stats"] is None
+    assert res["heldout"]["val"]["dinov2"]["variance"] > 0
+
+
+class CrashAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"simulated crash at step {self.step}")
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path, cache_dir) -> None:
+    """Crash at step 6 (checkpoint at 4), rerun: weights and metrics equal an uninterrupted run's."""
+    overrides = ("trainer.max_steps=12", "student.cpe=true", "student.cpe_max_size=64", "method=ada_phi_s")
+    whole = train(make_cfg(tmp_path / "whole", cache_dir, *overrides))
+    broken = tmp_path / "broken"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(make_cfg(broken, cache_dir, *overrides), callbacks=[CrashAt(6)])
+    assert not (broken / "results.json").exists()
+    assert torch.load(broken / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    resumed = train(make_cfg(broken, cache_dir, *overrides))
+    assert resumed["resumed_from"].endswith("last.ckpt") and resumed["steps"] == 12
+    a, b = final_state(tmp_path / "whole"), final_state(broken)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed["heldout"] == whole["heldout"]
+
+
+def test_finished_run_is_skipped(tmp_path, cache_dir) -> None:
+    cfg = make_cfg(tmp_path, cache_dir, "trainer.max_steps=4")
+    first = train(cfg)
+    stamp = (tmp_path / "results.json").stat().st_mtime_ns
+    assert train(cfg) == first and (tmp_path / "results.json").stat().st_mtime_ns == stamp
+
+
+class PoisonAt(Callback):
+    """Makes the student's weights NaN before a given step, as a diverging run would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                module.student.trunk.patch_embed.proj.weight.fill_(float("nan"))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir) -> None:
+    with pytest.raises(FloatingPointError, match="non-finite training loss .* at step 5.*last.ckpt"):
+        train(make_cfg(tmp_path, cache_dir), callbacks=[PoisonAt(5)])
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["status"] == "failed" and "non-finite" in res["error"]
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_dimension_mismatches_are_clear_errors(tmp_path, cache_dir) -> None:
+    with pytest.raises(ValueError, match="img_size 36 is not a multiple of the patch size 8"):
+        train(make_cfg(tmp_path / "a", cache_dir, "student.img_size=36"))
+    train(make_cfg(tmp_path / "b", cache_dir, "trainer.max_steps=4", "trainer.check_val_every_n_epoch=5"))
+    (tmp_path / "b" / "results.json").unlink()  # unfinished: a rerun would resume
+    swapped = "teachers/teacher@teachers.sam=tiny_timm_cnn"  # same slot, 24-d features instead of 16
+    with pytest.raises(ValueError, match="teacher 'sam' has feature_dim=24 now but 16 in the checkpoint"):
+        train(make_cfg(tmp_path / "b", cache_dir, swapped))
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "phis.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_bad_group_choice_names_the_choices(tmp_path) -> None:
+    proc = _cli("method=phi_z", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Could not find 'method/phi_z'" in proc.stderr
+    for choice in ("phi_s", "ada_phi_s", "hadamard_whiten", "hyb_smooth_l1"):
+        assert choice in proc.stderr
+
+
+@pytest.mark.slow
+def test_cli_multirun_writes_one_result_per_method(tmp_path, cache_dir) -> None:
+    sweep = tmp_path / "sweep"
+    proc = _cli(
+        "-m", *TINY, f"cache.dir={cache_dir}", "method=phi_s,mse", f"hydra.sweep.dir={sweep}", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job in ("0", "1"):
+        res = json.loads((sweep / job / "results.json").read_text())
+        assert res["status"] == "finished"
+        assert (sweep / job / ".hydra" / "config.yaml").is_file()
+
+
+def test_new_resolution_starts_a_new_stage(tmp_path, cache_dir) -> None:
+    """Stage 2 at 48 px (6x6 student grid, teachers resampled): statistics restart, freeze counts anew."""
+    stage = ("distill.normalizer_fit=schedule", "distill.estimate_steps=100", "distill.freeze_trunk_steps=2")
+    train(make_cfg(tmp_path, cache_dir, *stage, "trainer.max_steps=4"))
+    (tmp_path / "results.json").unlink()
+    rec = Recorder()
+    sizes = [f"data.{split}.size=48" for split in ("train", "val", "test")]
+    res = train(make_cfg(tmp_path, cache_dir, *stage, *sizes, "trainer.max_steps=8"), callbacks=[rec])
+    assert res["resumed_from"] and res["steps"] == 8
+    state = final_state(tmp_path)
+    assert int(state["stage_resolution"]) == 48 and int(state["stage_start"]) == 4
+    assert int(state["normalizers.dinov2.stats.count"]) == 4 * 16 * 36  # only stage-2 tokens
+    assert torch.equal(rec.trunk[0], rec.trunk[2]) and not torch.equal(rec.trunk[2], rec.trunk[3])
+    assert (tmp_path / "csv" / "version_1" / "metrics.csv").is_file()  # the first stage's log is kept
+
+
+@pytest.mark.parametrize("choice", ["launcher=slurm", "experiment=example", "logger=wandb", "trainer=ddp"])
+def test_other_group_choices_compose(choice: str, tmp_path) -> None:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[choice, f"output_dir={tmp_path}"], return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    if choice == "launcher=slurm":
+        assert "submitit" in cfg.hydra.launcher._target_
+        assert cfg.trainer.devices == cfg.hydra.launcher.tasks_per_node == 8 and cfg.trainer.num_nodes == 1
+        assert cfg.trainer.strategy.startswith("ddp")
+    elif choice == "experiment=example":
+        assert cfg.name == "example" and cfg.normalizer.name == "identity" and cfg.trainer.max_steps == 96
+    elif choice == "logger=wandb":
+        assert cfg.logger.group == "default" and cfg.logger.offline
+    else:
+        assert cfg.trainer.accelerator == "gpu" and cfg.trainer.devices == -1
