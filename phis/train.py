@@ -6,7 +6,14 @@ a directory whose results.json is finished does nothing; with a ``checkpoints/la
 resumes from it (same data order and randomness, so it ends where an uninterrupted run would).
 """
 
+# ruff: noqa: E402
 from __future__ import annotations
+
+import os
+
+# Set before torch loads its OpenMP runtime: when several processes share a few CPU cores, spinning
+# OpenMP workers stall each other (training steps measured 10x slower); passive waiting costs little.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import importlib
 import importlib.util
@@ -27,7 +34,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from phis.data import DistillDataModule
 from phis.module import DistillModule
-from phis.results import RESULTS_FILE, atomic_write_json, atomic_write_text, is_finished, read_json
+from phis.results import (
+    RESULTS_FILE,
+    atomic_write_json,
+    atomic_write_text,
+    is_finished,
+    markdown_table,
+    read_json,
+)
 
 log = logging.getLogger("phis.train")
 
@@ -144,6 +158,31 @@ def heldout_results(module: DistillModule, dm: DistillDataModule, split: str) ->
     return res
 
 
+def summary_table(heldout: dict[str, dict[str, dict]], stats: dict[str, dict] | None) -> str:
+    """Markdown: per teacher, activation statistics (PHI-S Table 7 columns, α's) and held-out results."""
+    header = ["teacher"]
+    if stats:
+        header += ["global mean", "global std", "channel mean", "channel std", "α_gs", "α_phis"]
+    header += [f"{split} {what}" for split in heldout for what in ("MSE", "explained")]
+    rows = []
+    for n in next(iter(heldout.values())):
+        row = [n]
+        if stats:
+            s = stats[n]
+            row += [
+                f"{s['global_mean']:.3g}",
+                f"{s['global_std']:.3g}",
+                f"[{s['channel_mean_min']:.3g}, {s['channel_mean_max']:.3g}]",
+                f"[{s['channel_std_min']:.3g}, {s['channel_std_max']:.3g}]",
+                f"{s['alpha_gs']:.3g}",
+                f"{s['alpha_phis']:.3g}",
+            ]
+        for per_teacher in heldout.values():
+            row += [f"{per_teacher[n]['mse_teacher']:.4g}", f"{per_teacher[n]['explained']:.3f}"]
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
 def external_evaluation(module: DistillModule, cfg: DictConfig) -> dict[str, Any] | None:
     """phis.eval.evaluate_module's results, when enabled and available."""
     if not cfg.eval.enabled or importlib.util.find_spec("phis.eval") is None:
@@ -231,16 +270,10 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]
     finite = all(math.isfinite(r["mse_teacher"]) for split in heldout.values() for r in split.values())
     results["status"] = "finished" if finite else "failed"
     atomic_write_json(out / RESULTS_FILE, results)
-    for split, per_teacher in heldout.items():
-        for n, r in per_teacher.items():
-            log.info(
-                "%s %s: teacher-space MSE %.4g, explained %.3f (train-mean predictor %.3f)",
-                split,
-                n,
-                r["mse_teacher"],
-                r["explained"],
-                r.get("explained_train_mean", math.nan),
-            )
+    log.info(
+        "results per teacher (explained = 1 - MSE / held-out variance, teacher space):\n%s",
+        summary_table(heldout, stats),
+    )
     log.info("wrote %s", out / RESULTS_FILE)
     return results
 

@@ -14,3 +14,19 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch and one BLAS thread for a module of tiny tensors.
+
+    Small operations are latency bound: on a busy 2-core machine a second intra-op or BLAS thread only
+    spin-waits (measured 20-100x slower). Modules opt in with ``pytestmark``.
+    """
+    from threadpoolctl import threadpool_limits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        yield
+    torch.set_num_threads(threads)

@@ -26,15 +26,7 @@ from phis.eval import rankme
 from phis.hadamard import hadamard_matrix
 from phis.normalizers import make_normalizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: on a busy 2-core machine, a second intra-op thread only adds waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 F64 = torch.float64
 

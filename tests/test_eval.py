@@ -36,15 +36,7 @@ from phis.evaldata import (
 )
 from phis.teachers import TeacherOutput
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: on a busy 2-core machine, a second intra-op thread only adds waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def brute_force_knn(train_x, train_y, test_x, k, temperature):
     """Reference: float64 loops over every test point."""

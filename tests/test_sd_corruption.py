@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from threadpoolctl import threadpool_limits
 
 from phis.selfdistill.blockmodel import block_features
 from phis.selfdistill.corruption import (
@@ -15,13 +14,7 @@ from phis.selfdistill.corruption import (
     realized_matrix,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_blas_thread():
-    # Threaded BLAS on a busy 2-core machine is ~20x slower for these small matrices.
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _reference_matrix(kind: str, K: int, eta: float, sup: np.ndarray | None = None) -> np.ndarray:
     """Entry-by-entry transcription of SPEC §3, for comparison."""

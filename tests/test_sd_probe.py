@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from threadpoolctl import threadpool_limits
 
 from phis.selfdistill import features as feat
 from phis.selfdistill import theory
@@ -28,15 +27,7 @@ from phis.selfdistill.probe import (
 )
 from phis.selfdistill.run import run_job, validate
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The probes are tiny: on a busy 2-core machine extra BLAS/torch threads only spin (100× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Small-logit block model (|logits| stay well below 1): the linearized theory is exact here.

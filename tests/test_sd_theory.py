@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy.optimize import minimize
-from threadpoolctl import threadpool_limits
 
 from phis.selfdistill import theory
 from phis.selfdistill.blockmodel import block_features, block_gram_eigen
@@ -26,13 +25,7 @@ from phis.selfdistill.theory import (
     threshold,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_blas_thread():
-    # Threaded BLAS on a busy 2-core machine is ~20x slower for these small matrices.
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _all_correct(P: np.ndarray, y: np.ndarray) -> bool:
     """True class is the strict argmax of every row of P [N, K]."""

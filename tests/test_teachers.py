@@ -51,13 +51,7 @@ CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian ca
 ESPRESSO = 967
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models are latency bound; several threads on a shared CPU only add spin-wait.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cfg(name: str) -> dict:
