@@ -94,14 +94,14 @@ def bare_rate(cfg: DictConfig, warmup: int) -> float:
     opt, sched = opts["optimizer"], opts["lr_scheduler"]["scheduler"]
     ends: list[float] = []
     batches = iter(dm.train_dataloader())
-    for _ in range(cfg.trainer.max_steps):
+    for step in range(cfg.trainer.max_steps):
         try:
             batch = next(batches)
         except StopIteration:
             batches = iter(dm.train_dataloader())
             batch = next(batches)
         opt.zero_grad(set_to_none=True)
-        loss, _ = module.distill_loss(batch)
+        loss, _ = module.distill_loss(batch, step)  # the step drives the normalizers' schedule
         loss.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.trainer.gradient_clip_val)
         opt.step()

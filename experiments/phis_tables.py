@@ -93,6 +93,7 @@ def run_metrics(res: Mapping[str, Any]) -> dict[str, float]:
     """Flat metric name → value: ``results["eval"]["metrics"]``, with teacher MSE from ``heldout`` if absent.
 
     Without ``phis.eval`` a run still has its held-out teacher-space MSE (``test`` split, else ``val``).
+    Training's own explained fraction on each held-out split is kept as ``explained_<split>/<teacher>``.
     """
     out = {k: float(v) for k, v in ((res.get("eval") or {}).get("metrics") or {}).items() if v is not None}
     heldout = res.get("heldout") or {}
@@ -101,7 +102,21 @@ def run_metrics(res: Mapping[str, Any]) -> dict[str, float]:
         out.setdefault(f"tmse/{teacher}", float(r["mse_teacher"]))
         if "explained" in r:
             out.setdefault(f"tmse_explained/{teacher}", float(r["explained"]))
+    for name, per_teacher in heldout.items():
+        for teacher, r in per_teacher.items():
+            if r.get("explained") is not None:
+                out[f"explained_{name}/{teacher}"] = float(r["explained"])
     return out
+
+
+def tmse_split(grouped: Mapping[str, Sequence[Run]]) -> str:
+    """Which held-out split the runs' ``tmse/*`` metrics were measured on (as phis.eval recorded it)."""
+    splits = {
+        ((r.results.get("eval") or {}).get("details") or {}).get("tmse", {}).get("heldout", "test")
+        for rs in grouped.values()
+        for r in rs
+    }
+    return ", ".join(sorted(splits))
 
 
 def _seed(res: Mapping[str, Any], run_dir: Path) -> int:
@@ -287,19 +302,27 @@ def teacher_mse_table(grouped: Mapping[str, Sequence[Run]], out: Path) -> Path:
     teachers = teacher_names(grouped)
     ref = paper_rows("phis_table3_teacher_mse_vitb")
     ref_cols = list(next(iter(ref.values())))
+    split = tmse_split(grouped)
+    # The other held-out split's explained fraction too (training's numbers), when the runs have it.
+    other = "test" if split == "val" else "val"
+    has_other = any(
+        f"explained_{other}/{t}" in r.metrics for rs in grouped.values() for r in rs for t in teachers
+    )
     header = ["method"] + [f"ours {t}" for t in teachers] + [f"ours explained {t}" for t in teachers]
+    header += [f"ours explained ({other}) {t}" for t in teachers] if has_other else []
     header += [f"paper {c}" for c in ref_cols]
     rows = []
     for m, rs in grouped.items():
-        rows.append(
-            [LABELS.get(m, m)]
-            + [fmt([r.metrics.get(f"tmse/{t}", math.nan) for r in rs]) for t in teachers]
-            + [fmt([r.metrics.get(f"tmse_explained/{t}", math.nan) for r in rs], 3) for t in teachers]
-            + [ref.get(m, {}).get(c, "—") for c in ref_cols]
-        )
+        row = [LABELS.get(m, m)]
+        row += [fmt([r.metrics.get(f"tmse/{t}", math.nan) for r in rs]) for t in teachers]
+        row += [fmt([r.metrics.get(f"tmse_explained/{t}", math.nan) for r in rs], 3) for t in teachers]
+        if has_other:
+            row += [fmt([r.metrics.get(f"explained_{other}/{t}", math.nan) for r in rs], 3) for t in teachers]
+        rows.append(row + [ref.get(m, {}).get(c, "—") for c in ref_cols])
     notes = (
-        "Teacher-space MSE of the denormalized student prediction on held-out images (lower is better) and"
-        " the explained fraction 1 − MSE / (tr Σ / C). Our teachers are "
+        f"Teacher-space MSE of the denormalized student prediction on the held-out '{split}' split (lower is"
+        " better; val: unseen regions of the training photos, test: unseen photos) and the explained fraction"
+        " 1 − MSE / (tr Σ / C). Our teachers are "
         f"{', '.join(teachers)}; the paper's are DFN CLIP (×1e-4), SigLIP, DINOv2, SAM: side by side, not"
         " comparable cell by cell.\n" + _seeds_note(grouped)
     )

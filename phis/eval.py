@@ -426,6 +426,7 @@ def rankme(features: Tensor, eps: float = 1e-7) -> float:
 # Teacher families whose summary can be scored zero-shot: a text tower, or the teacher's own classifier.
 TEXT_FAMILIES = ("open_clip", "hf_clip", "hf_siglip")
 CLASSIFIER_FAMILIES = ("efficientnet_lite", "timm")
+HELDOUT_SPLITS = ("auto", "test", "val")
 SEG_METRIC = {"collage": "seg/collage", "ade20k": "ade20k", "voc": "voc"}
 
 
@@ -446,6 +447,9 @@ class EvalConfig:
     probe_lr: float = 1e-2
     rankme_images: int = 256  # test images of each kNN set whose spatial tokens enter RankMe
     teacher_mse: bool = True
+    # Training split the teacher MSE is measured on: test (unseen photos; the default when the data has
+    # one), val (unseen regions of the training photos), or auto (test if configured, else val).
+    heldout_split: str = "auto"
     heldout_images: int = 64  # OfflineImagePool("test") images when only teachers are given
     zero_shot: bool = True
     zero_shot_images: int | None = 256  # evenly spaced test images per set (teachers run on each)
@@ -470,6 +474,10 @@ class EvalConfig:
             if key in values:
                 values[key] = (values[key],) if isinstance(values[key], str) else tuple(values[key])
         out = cls(**values)
+        if out.heldout_split not in HELDOUT_SPLITS:
+            raise ValueError(
+                f"unknown eval.heldout_split {out.heldout_split!r}; choose one of {HELDOUT_SPLITS}"
+            )
         bad = [s for s in out.knn_sets if s not in CLASSIFICATION_SETS]
         bad += [s for s in out.seg_sets if s not in SEGMENTATION_SETS]
         if bad:
@@ -559,12 +567,18 @@ class _TeacherSource:
         return self.built[name]
 
 
-def _heldout_loader(train_cfg: Any, teachers: _TeacherSource, batch_size: int) -> tuple[str, DataLoader]:
-    """The run's final held-out split (``test`` if configured, else ``val``) with cached teacher targets."""
+def _heldout_loader(
+    train_cfg: Any, teachers: _TeacherSource, batch_size: int, split: str = "auto"
+) -> tuple[str, DataLoader]:
+    """A held-out split of the run's data (``auto``: ``test`` if configured, else ``val``) with cached
+    teacher targets."""
     from phis.train import build_datamodule
 
     dm = build_datamodule(train_cfg)
-    split = "test" if "test" in dm.sets else "val"
+    if split == "auto":
+        split = "test" if "test" in dm.sets else "val"
+    elif split not in dm.sets:
+        raise ValueError(f"eval.heldout_split={split!r}, but the run's data has only {sorted(dm.sets)}")
     for name, cache in dm.caches.get(split, {}).items():
         cache.ensure(lambda n=name: teachers(n), dm.cache_batch_size, dm.num_workers)  # built only if missing
     return split, DataLoader(dm.dataset(split), batch_size=batch_size)
@@ -749,7 +763,7 @@ def evaluate_module(
         if ecfg.teacher_mse:
             split = "given"
             if heldout is None and train_cfg is not None:
-                split, heldout = _heldout_loader(train_cfg, source, ecfg.batch_size)
+                split, heldout = _heldout_loader(train_cfg, source, ecfg.batch_size, ecfg.heldout_split)
             elif heldout is None and teachers:
                 from phis.data import OfflineImagePool
 

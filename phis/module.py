@@ -159,10 +159,11 @@ class DistillModule(pl.LightningModule):
         return pred.flatten(1, 2), y.flatten(1, 2)
 
     def _terms(
-        self, out: Any, targets: Mapping[str, tuple], update_stats: bool, teacher_space: bool = True
+        self, out: Any, targets: Mapping[str, tuple], step: int | None, teacher_space: bool = True
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss and per-teacher logs (normalized-space loss and MSE, summary cosine loss, and with
-        ``teacher_space`` the teacher-space MSE, which costs a [C, C] product per token)."""
+        ``teacher_space`` the teacher-space MSE, which costs a [C, C] product per token). With a training
+        ``step``, the normalizers' estimation schedule sees the targets (None: evaluation, no update)."""
         d = self.distill_cfg
         total = torch.zeros((), device=self.device)
         logs: dict[str, Tensor] = {}
@@ -170,8 +171,8 @@ class DistillModule(pl.LightningModule):
             summary_t, feats_t = targets[n]
             norm = self.normalizers[n]
             pred, y = self._align(out.features[n], out.grid, feats_t)
-            if update_stats:
-                norm.step(y, int(self.global_step) - int(self.stage_start))
+            if step is not None:
+                norm.step(y, step - int(self.stage_start))
             x = norm(y)
             feat_loss = self.feature_loss(pred, x)
             term = d["feature_weight"] * (
@@ -202,23 +203,29 @@ class DistillModule(pl.LightningModule):
         self.stage_resolution.fill_(resolution)
         self.stage_start.fill_(int(self.global_step))
 
-    def _step_generator(self) -> torch.Generator:
+    def _step_generator(self, step: int) -> torch.Generator:
         # Randomness (CPE windows) depends only on (seed, step), so a resumed run draws the same values.
-        return torch.Generator().manual_seed(int(self.hparams.seed) * 1_000_003 + int(self.global_step))
+        return torch.Generator().manual_seed(int(self.hparams.seed) * 1_000_003 + step)
 
-    def distill_loss(self, batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        """One training step's loss and logs: stage bookkeeping, targets, (partly frozen) forward, terms."""
+    def distill_loss(
+        self, batch: Mapping[str, Any], step: int | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """One training step's loss and logs: stage bookkeeping, targets, (partly frozen) forward, terms.
+
+        ``step`` defaults to the trainer's global step; a loop without a Trainer passes its own count.
+        """
+        step = int(self.global_step) if step is None else int(step)
         images = batch["images"]
         self._begin_stage_if_new(int(images.shape[-1]))
         targets = self.targets(batch)
-        frozen = int(self.global_step) - int(self.stage_start) < self.distill_cfg["freeze_trunk_steps"]
+        frozen = step - int(self.stage_start) < self.distill_cfg["freeze_trunk_steps"]
         with torch.no_grad() if frozen else contextlib.nullcontext():
-            tokens, grid = self.student.forward_trunk(images, self._step_generator())
+            tokens, grid = self.student.forward_trunk(images, self._step_generator(step))
         out = self.student.heads(tokens, grid)
         # Teacher-space errors are only computed on the steps the trainer logs.
         every = self.trainer.log_every_n_steps if self._trainer is not None else 1
-        logged = (int(self.global_step) + 1) % every == 0
-        loss, logs = self._terms(out, targets, update_stats=True, teacher_space=logged)
+        logged = (step + 1) % every == 0
+        loss, logs = self._terms(out, targets, step, teacher_space=logged)
         logs["trunk_frozen"] = torch.tensor(float(frozen))
         return loss, logs
 
@@ -236,7 +243,7 @@ class DistillModule(pl.LightningModule):
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         out = self.student(batch["images"])
-        _, logs = self._terms(out, self.targets(batch), update_stats=False)
+        _, logs = self._terms(out, self.targets(batch), None)
         self.log_dict(
             {f"val/{k}": v for k, v in logs.items()}, on_epoch=True, batch_size=len(batch["images"])
         )

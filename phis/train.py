@@ -62,7 +62,7 @@ class LastCheckpoint(Callback):
         if trainer.global_step == self._saved_step:
             return
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)  # full state: optimizer and loops, to resume
         if trainer.is_global_zero:
             tmp.replace(self.path)
         self._saved_step = trainer.global_step
@@ -159,7 +159,7 @@ def heldout_results(module: DistillModule, dm: DistillDataModule, split: str) ->
 
 
 def summary_table(heldout: dict[str, dict[str, dict]], stats: dict[str, dict] | None) -> str:
-    """Markdown: per teacher, activation statistics (PHI-S Table 7 columns, α's) and held-out results."""
+    """Markdown: per teacher, activation statistics (PHI-S Table 7 columns, α's) and per-split results."""
     header = ["teacher"]
     if stats:
         header += ["global mean", "global std", "channel mean", "channel std", "α_gs", "α_phis"]
@@ -206,6 +206,9 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]
             "%s is finished; skipping (delete it or pick another output dir to rerun)", out / RESULTS_FILE
         )
         return read_json(out / RESULTS_FILE)
+    if cfg.eval.enabled and importlib.util.find_spec("phis.eval") is not None:
+        # A typo in the eval options fails now, not after hours of training.
+        importlib.import_module("phis.eval").EvalConfig.from_mapping(cfg.eval)
     atomic_write_text(out / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(cfg.seed, workers=True)
     # Pretrained CNN teachers produce subnormal floats that make CPU inference ~3x slower; flush them.
@@ -243,6 +246,9 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]
 
     eval_start = time.perf_counter()
     heldout = {split: heldout_results(module, dm, split) for split in dm.sets if split != "train"}
+    # The same numbers on the training crops: far above the held-out ones means overfitting, close to
+    # them and low means the student is still underfitting (train longer or wider).
+    train_fit = module.heldout_metrics(dm.heldout_dataloader("train"))
     stats = {n: c.activation_stats() for n, c in dm.caches["train"].items()} if dm.cache_enabled else None
     external = external_evaluation(module, cfg)
     steps = int(trainer.global_step)
@@ -251,6 +257,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]
         "choices": _choices(),
         "method": {"normalizer": cfg.normalizer.name, "loss": cfg.loss.name, "adaloss": cfg.distill.adaloss},
         "heldout": heldout,
+        "train_fit": train_fit,
         "teacher_stats": stats,
         "steps": steps,
         "resumed_from": str(resume) if resume else None,
@@ -272,7 +279,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]
     atomic_write_json(out / RESULTS_FILE, results)
     log.info(
         "results per teacher (explained = 1 - MSE / held-out variance, teacher space):\n%s",
-        summary_table(heldout, stats),
+        summary_table({"train": train_fit, **heldout}, stats),
     )
     log.info("wrote %s", out / RESULTS_FILE)
     return results

@@ -116,7 +116,7 @@ def test_bad_input_size_names_the_patch_size() -> None:
         MultiTeacherViT({"a-b": {"summary_dim": None, "feature_dim": 4}}, trunk_kwargs=TINY)
 
 
-def _module(normalizer: str, grid: int) -> DistillModule:
+def _module(normalizer: str, grid: int, **distill_overrides) -> DistillModule:
     specs = {n: {**s, "grid": [grid, grid]} for n, s in TEACHERS.items()}
     distill = {
         "summary_weight": 1.0,
@@ -129,7 +129,7 @@ def _module(normalizer: str, grid: int) -> DistillModule:
         "freeze_trunk_steps": 0,
         "resample_to": "student",
         "resample_mode": "bilinear",
-    }
+    } | distill_overrides
     optim = {
         "name": "adamw",
         "lr": 1e-3,
@@ -179,3 +179,29 @@ def test_predict_resamples_to_the_teacher_grid_and_embed_shapes() -> None:
     summary, feats = module.embed(torch.rand(2, 3, 32, 32))
     assert summary.shape == (2, 32) and feats.shape == (2, 32, 2, 2)
     assert math.isfinite(float(feats.sum()))
+
+
+def test_a_loop_without_a_trainer_drives_the_estimation_schedule_by_its_own_step() -> None:
+    """distill_loss(batch, step) outside Lightning: statistics for 3 steps, refits at steps 0 and 2 only."""
+    module = _module("phi_s", 2, normalizer_fit="schedule", estimate_steps=3, refit_every=2)
+    torch.manual_seed(0)
+
+    def batch() -> dict:
+        return {
+            "images": torch.rand(4, 3, 32, 32),
+            "targets": {
+                n: {"features": torch.randn(4, 2, 2, s["feature_dim"]) * 5 - 20}
+                | ({"summary": torch.randn(4, s["summary_dim"])} if s["summary_dim"] else {})
+                for n, s in TEACHERS.items()
+            },
+        }
+
+    norm = module.normalizers["dino"]
+    refitted = []
+    for step in range(6):
+        before = norm.mu.clone()
+        loss, logs = module.distill_loss(batch(), step)
+        assert torch.isfinite(loss) and "dino/mse_teacher" in logs
+        refitted.append(not torch.equal(before, norm.mu))
+    assert int(norm.stats.count) == 3 * 4 * 4  # 3 estimation steps x 4 images x 4 tokens
+    assert bool(norm._frozen) and refitted == [True, False, True, False, False, False]

@@ -81,6 +81,8 @@ def test_every_method_trains_and_reports(method: str, tmp_path, cache_dir) -> No
             per_teacher["sam"]["summary_cosine"] is None and -1 <= per_teacher["clip"]["summary_cosine"] <= 1
         )
     assert set(res["teacher_stats"]["sam"]) >= {"channel_mean_min", "global_std", "alpha_phis"}
+    assert set(res["train_fit"]) == {"clip", "siglip", "dinov2", "sam"}
+    assert all(r["mse_teacher"] >= 0 and r["explained"] < 1 for r in res["train_fit"].values())
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and (
         tmp_path / "config_resolved.yaml"
     ).is_file()
@@ -134,6 +136,20 @@ def test_uncached_teachers_run_every_step(tmp_path, cache_dir) -> None:
     )
     assert res["status"] == "finished" and res["teacher_stats"] is None
     assert res["heldout"]["val"]["dinov2"]["variance"] > 0
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_end_of_training_evaluation_measures_the_chosen_split(split: str, tmp_path, cache_dir) -> None:
+    """phis.eval's teacher MSE (its own loader and meter) equals training's own held-out numbers."""
+    off = ["eval.enabled=true", "+eval.knn_sets=[]", "+eval.seg_sets=[]", "+eval.zero_shot=false"]
+    res = train(make_cfg(tmp_path, cache_dir, "trainer.max_steps=4", *off, f"+eval.heldout_split={split}"))
+    assert res["eval"]["details"]["tmse"] == {"heldout": split}
+    for teacher, r in res["heldout"][split].items():
+        assert res["eval"]["metrics"][f"tmse/{teacher}"] == pytest.approx(r["mse_teacher"], rel=1e-5)
+        assert res["eval"]["metrics"][f"tmse_explained/{teacher}"] == pytest.approx(r["explained"], abs=1e-5)
+    with pytest.raises(ValueError, match=r"heldout_split 'train'.*\('auto', 'test', 'val'\)"):
+        train(make_cfg(tmp_path / "bad", cache_dir, "trainer.max_steps=1", *off, "+eval.heldout_split=train"))
+    assert not (tmp_path / "bad").exists()  # refused before anything ran or was written
 
 
 class CrashAt(Callback):
