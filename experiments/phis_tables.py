@@ -231,6 +231,13 @@ def spearman(a: Mapping[str, float], b: Mapping[str, float]) -> float:
     return cov / var if var > 0 else math.nan
 
 
+def _is_number(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
 def rank_outputs(
     grouped: Mapping[str, Sequence[Run]], paper: str, out: Path, stem: str, title: str
 ) -> RankTable | None:
@@ -260,12 +267,18 @@ def rank_outputs(
             + [ref.get(m, {}).get(c, "—") for c in ref_cols]
         )
     rho = spearman(ours_avg, paper_avg)
+    per_group = [
+        f"{c} {spearman({m: table.value(m, c) for m in grouped}, paper_c):.2f}"
+        for c in table.columns
+        if (paper_c := {m: float(ref[m][c]) for m in grouped if m in ref and _is_number(ref[m].get(c))})
+    ]
     notes = "\n".join(
         [
             "Ranks: 1 = best per metric (ties share the minimum rank), averaged within a group, then over"
             " groups (PHI-S Tables 1/12; phis/ranks.py). Ours rank the per-method means over seeds;"
             " 'ours Avg per seed' ranks each seed's runs separately (mean ± std).",
-            f"'place' orders methods by Avg. Spearman correlation of our Avg with the paper's: {rho:.2f}.",
+            f"'place' orders methods by Avg. Spearman correlation of our Avg with the paper's: {rho:.2f}"
+            f" (per column: {', '.join(per_group)}).",
             _seeds_note(grouped),
             "Our teachers and benchmarks differ from the paper's (see README.md), so the columns are not the"
             " same measurements; groups and metrics used here:",

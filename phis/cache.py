@@ -14,6 +14,7 @@ build leaves no half-written entry behind and two processes building the same en
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -56,6 +57,26 @@ def cache_key(
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def _entry_lock(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock on ``path`` (blocks until free); a no-op where flock is unavailable."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:  # e.g. a file system without locks
+            yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class TeacherCache:
     """One teacher's outputs over one image set (``images`` must have ``fingerprint()`` and ``size``)."""
 
@@ -91,11 +112,20 @@ class TeacherCache:
     def ensure(
         self, make_teacher: Callable[[], Any], batch_size: int = 64, num_workers: int = 0
     ) -> TeacherCache:
-        """Build the entry unless it exists; ``make_teacher`` is only called when a build is needed."""
-        if self.ready:
-            log.info("teacher cache hit: %s", self.path)
-        else:
-            self.build(make_teacher(), batch_size=batch_size, num_workers=num_workers)
+        """Build the entry unless it exists; ``make_teacher`` is only called when a build is needed.
+
+        Jobs started side by side (parallel lanes, array jobs) take an advisory lock per entry, so one
+        builds while the others wait and then read it. Where locks are not supported the builds race
+        harmlessly: each writes its own temporary directory and the first rename wins.
+        """
+        if not self.ready:
+            locks = self.root / ".locks"
+            locks.mkdir(parents=True, exist_ok=True)
+            with _entry_lock(locks / self.path.name):
+                if not self.ready:
+                    self.build(make_teacher(), batch_size=batch_size, num_workers=num_workers)
+                    return self
+        log.info("teacher cache hit: %s", self.path)
         return self
 
     @torch.no_grad()

@@ -12,6 +12,7 @@ import inspect
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -105,7 +106,8 @@ class AdaLoss(nn.Module):
 
     The estimate is a bias-corrected EMA, ema_t / (1 - momentum^t), so the first call returns exactly 1
     and later calls return the term relative to its recent scale. It is updated only in training mode;
-    non-finite values (e.g. an overflowing AMP step) are not folded in. State lives in buffers.
+    non-finite values (e.g. an overflowing AMP step) are not folded in. State lives in buffers. Under
+    data parallelism the term is averaged over ranks before the update, so all ranks scale alike.
     """
 
     def __init__(self, momentum: float = 0.99, eps: float = 1e-8) -> None:
@@ -129,6 +131,11 @@ class AdaLoss(nn.Module):
         if loss.numel() != 1:
             raise ValueError(f"AdaLoss expects a scalar loss, got shape {tuple(loss.shape)}")
         value = loss.detach().to(torch.float64)
+        if self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # One estimate for all ranks (a non-finite term on any rank skips the update everywhere).
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= dist.get_world_size()
         if self.training and torch.isfinite(value):
             self.ema.mul_(self.momentum).add_((1.0 - self.momentum) * value)
             self.steps += 1

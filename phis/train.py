@@ -163,7 +163,13 @@ def summary_table(heldout: dict[str, dict[str, dict]], stats: dict[str, dict] | 
     header = ["teacher"]
     if stats:
         header += ["global mean", "global std", "channel mean", "channel std", "α_gs", "α_phis"]
-    header += [f"{split} {what}" for split in heldout for what in ("MSE", "explained")]
+    first = {split: next(iter(per_teacher.values())) for split, per_teacher in heldout.items()}
+    # Held-out splits also show the explained fraction of predicting the training mean everywhere.
+    baseline = {split: "explained_train_mean" in r for split, r in first.items()}
+    for split in heldout:
+        header += [f"{split} MSE", f"{split} explained"] + (
+            [f"{split} explained by train mean"] if baseline[split] else []
+        )
     rows = []
     for n in next(iter(heldout.values())):
         row = [n]
@@ -177,8 +183,10 @@ def summary_table(heldout: dict[str, dict[str, dict]], stats: dict[str, dict] | 
                 f"{s['alpha_gs']:.3g}",
                 f"{s['alpha_phis']:.3g}",
             ]
-        for per_teacher in heldout.values():
-            row += [f"{per_teacher[n]['mse_teacher']:.4g}", f"{per_teacher[n]['explained']:.3f}"]
+        for split, per_teacher in heldout.items():
+            r = per_teacher[n]
+            row += [f"{r['mse_teacher']:.4g}", f"{r['explained']:.3f}"]
+            row += [f"{r['explained_train_mean']:.3f}"] if baseline[split] else []
         rows.append(row)
     return markdown_table(header, rows)
 

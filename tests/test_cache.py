@@ -97,7 +97,8 @@ def test_hit_does_not_build_and_changed_config_rebuilds(tmp_path, pool) -> None:
         tmp_path, "t", {"family": "stand-in", "tap": 1}, OfflineImagePool("train", 16, 11)
     ).ensure(factory)
     assert len(built) == 3 and len({a.path, b.path, c.path}) == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (a.path, b.path, c.path))
+    entries = sorted(p.name for p in tmp_path.iterdir() if p.name != ".locks")
+    assert entries == sorted(p.name for p in (a.path, b.path, c.path))
 
 
 def test_killed_build_leaves_nothing_behind(tmp_path, pool) -> None:
@@ -118,3 +119,27 @@ def test_float16_overflow_is_an_error_not_inf(tmp_path, pool) -> None:
     assert ok.features.dtype == np.float32 and np.isfinite(ok.features).all()
     with pytest.raises(ValueError, match="float16, float32"):
         TeacherCache(tmp_path, "t", {}, pool, dtype="int8")
+
+
+def test_jobs_started_together_build_an_entry_once(tmp_path, pool) -> None:
+    """Two jobs (threads here) ensure the same entry at once: one builds, the other waits and reads."""
+    import threading
+
+    built, start = [], threading.Barrier(2)
+
+    def make() -> OffsetTeacher:
+        built.append(threading.get_ident())
+        return OffsetTeacher()
+
+    def job() -> None:
+        cache = TeacherCache(tmp_path, "t", {"family": "stand-in"}, pool)
+        start.wait()
+        cache.ensure(make, batch_size=2)
+
+    threads = [threading.Thread(target=job) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(built) == 1 and TeacherCache(tmp_path, "t", {"family": "stand-in"}, pool).ready
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []

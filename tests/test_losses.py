@@ -153,3 +153,31 @@ def test_adaloss_eval_and_nonfinite_do_not_update():
         AdaLoss(momentum=1.0)
     with pytest.raises(ValueError, match="scalar"):
         ada(torch.ones(3))
+
+
+def _adaloss_worker(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        ada = AdaLoss(momentum=0.5)
+        # rank 0 sees terms 1, 2, 3; rank 1 sees 3, 6, 9 (and a NaN at the last step)
+        terms = [1.0, 2.0, 3.0] if rank == 0 else [3.0, 6.0, math.nan]
+        scaled = [float(ada(torch.tensor(t))) for t in terms]
+        torch.save({"ema": ada.ema, "steps": ada.steps, "scaled": scaled}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_adaloss_shares_one_estimate_across_ranks(tmp_path) -> None:
+    """Under data parallelism the EMA follows the mean term over ranks, identically on every rank."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_adaloss_worker, args=(f"file://{tmp_path}/pg", str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert torch.equal(r0["ema"], r1["ema"]) and int(r0["steps"]) == int(r1["steps"]) == 2  # NaN skipped
+    ema = 0.5 * (0.5 * 0 + 0.5 * 2.0) + 0.5 * 4.0  # means over ranks: 2, 4 (the third is NaN)
+    assert float(r0["ema"]) == pytest.approx(ema)
+    # each rank divides its own term by the shared bias-corrected estimate
+    assert r0["scaled"][:2] == pytest.approx([1.0 / 2.0, 2.0 / (ema / (1 - 0.5**2))])
+    assert r1["scaled"][1] == pytest.approx(6.0 / (ema / (1 - 0.5**2)))

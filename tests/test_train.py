@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, open_dict
 
-from phis.train import train
+from phis.train import summary_table, train
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
@@ -83,6 +83,13 @@ def test_every_method_trains_and_reports(method: str, tmp_path, cache_dir) -> No
     assert set(res["teacher_stats"]["sam"]) >= {"channel_mean_min", "global_std", "alpha_phis"}
     assert set(res["train_fit"]) == {"clip", "siglip", "dinov2", "sam"}
     assert all(r["mse_teacher"] >= 0 and r["explained"] < 1 for r in res["train_fit"].values())
+    lines = summary_table({"train": res["train_fit"], **res["heldout"]}, res["teacher_stats"]).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert "train explained by train mean" not in header and "test explained by train mean" in header
+    assert len(lines) == 2 + 4 and all(line.count("|") == lines[0].count("|") for line in lines)
+    sam_row = next(line for line in lines if line.startswith("| sam"))
+    sam = dict(zip(header, (c.strip() for c in sam_row.strip("|").split("|"))))
+    assert float(sam["val explained"]) == pytest.approx(res["heldout"]["val"]["sam"]["explained"], abs=5e-4)
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and (
         tmp_path / "config_resolved.yaml"
     ).is_file()
@@ -275,10 +282,53 @@ def test_other_group_choices_compose(choice: str, tmp_path) -> None:
     if choice == "launcher=slurm":
         assert "submitit" in cfg.hydra.launcher._target_
         assert cfg.trainer.devices == cfg.hydra.launcher.tasks_per_node == 8 and cfg.trainer.num_nodes == 1
-        assert cfg.trainer.strategy.startswith("ddp")
+        assert cfg.trainer.strategy.broadcast_buffers is False and cfg.trainer.strategy.find_unused_parameters
     elif choice == "experiment=example":
         assert cfg.name == "example" and cfg.normalizer.name == "identity" and cfg.trainer.max_steps == 96
     elif choice == "logger=wandb":
         assert cfg.logger.group == "default" and cfg.logger.offline
     else:
         assert cfg.trainer.accelerator == "gpu" and cfg.trainer.devices == -1
+        assert cfg.trainer.strategy._target_.endswith("DDPStrategy")
+
+
+def test_ddp_on_two_cpu_ranks_fits_normalizers_on_every_rank_s_tokens(tmp_path, cache_dir) -> None:
+    """trainer=ddp on 2 CPU processes (gloo): the estimated statistics cover both ranks' tokens.
+
+    64 images in per-rank batches of 16 are one 2-step epoch, so after estimating for 2 steps the
+    all-reduced mean must equal the mean over the whole training cache. With buffers broadcast from
+    rank 0 at every forward, rank 1's statistics would be overwritten and the mean would be rank 0's.
+    """
+    run = tmp_path / "run"
+    overrides = [
+        *TINY,
+        f"cache.dir={cache_dir}",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "trainer.max_steps=4",
+        "method=ada_phi_s",
+        "distill.normalizer_fit=schedule",
+        "distill.estimate_steps=2",
+        "distill.refit_every=100",
+        f"hydra.run.dir={run}",
+    ]
+    proc = _cli(*overrides, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((run / "results.json").read_text())
+    assert res["status"] == "finished" and res["steps"] == 4
+    state = final_state(run)
+    cfg = make_cfg(run, cache_dir, *(o for o in overrides if o.startswith(("distill", "method"))))
+    from phis.train import build_datamodule
+
+    dm = build_datamodule(cfg)
+    for name in ("clip", "dinov2"):
+        cache = dm.caches["train"][name]
+        assert cache.features.shape[1:3] == (4, 4)  # the student's grid: no resampling to account for
+        assert int(state[f"normalizers.{name}.fit_summary"][0]) == 64 * 16  # every image's 16 tokens
+        torch.testing.assert_close(
+            state[f"normalizers.{name}.mu"], cache.moments().mean, rtol=1e-6, atol=1e-6
+        )
+    # AdaLoss: one running estimate per term, identical on both ranks, so rank 0's is the average
+    assert int(state["adaloss.clip_features.steps"]) == 4
