@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate every table and figure of the PHI-S and SD-PLL reproductions with one command.
 #
-#   ./reproduce.sh                          # mini: offline teachers, 2 seeds, every table (~1 h, 2 cores)
+#   ./reproduce.sh                          # mini: offline teachers, 2 seeds, every table (~30 min, 2 cores)
 #   ./reproduce.sh --profile smoke          # every table from tiny runs (a few minutes)
 #   ./reproduce.sh --profile paper --dry-run                  # compose every paper-scale job, run nothing
 #   ./reproduce.sh --profile paper --launcher slurm           # paper scale through hydra-submitit (SLURM)
