@@ -132,7 +132,8 @@ def main() -> None:
     bare = results["bare PyTorch loop, teacher cache"]
     rows = [[name, f"{r:.3f}", f"{1000 / r:.0f}", f"{r / base:.2f}x"] for name, r in results.items()]
     title = (
-        f"Training throughput ({cached.student.model} at {cached.student.img_size} px, batch "
+        f"Training throughput ({cached.student.model} {dict(cached.student.trunk_kwargs or {})} at "
+        f"{cached.student.img_size} px, batch "
         f"{cached.data.batch_size}, {len(cached.teachers)} teachers, {args.threads} threads, "
         f"{args.steps - args.warmup} timed steps). Lightning overhead per step vs the bare loop: "
         f"{1000 / base - 1000 / bare:.1f} ms ({100 * (bare / base - 1):.1f}%)"
