@@ -535,7 +535,16 @@ def test_evaluate_module_end_to_end(tmp_path) -> None:
         assert 0.0 <= m[key] <= 1.0, key
     assert "zero_shot/cls/photos" not in m  # photo classes are not the classifier's label space
     assert float(m["zero_shot/clip/photos"] * 20).is_integer()  # scored on 20 of the 42 test images
-    assert 1.0 <= m["rankme/photos"] <= 32.0
+    # RankMe of the first rankme_images test images' patch tokens, recomputed from SVD in float64
+    test_set = classification_set("photos", "test", 32, None, SMALL["knn_limit"], 0, None)
+    images = torch.stack([test_set[i][0] for i in range(len(test_set))])
+    assert module.training  # evaluate_module restored training mode (checked again below)
+    with torch.no_grad():
+        feats = module.eval().embed(images)[1]  # [N, D, h, w]; N = 42 < rankme_images
+    module.train()
+    sigma = torch.linalg.svdvals(feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).double())
+    p = sigma / sigma.sum() + 1e-7
+    assert m["rankme/photos"] == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-6)
     assert rec["details"]["knn/photos"]["k"] == 20 and rec["image_size"] == 32
     assert len(rec["details"]["seg/collage"]["per_class_iou"]) == 14
     assert not rec["skipped"] and module.training  # training mode restored
