@@ -163,9 +163,8 @@ def summary_table(heldout: dict[str, dict[str, dict]], stats: dict[str, dict] | 
     header = ["teacher"]
     if stats:
         header += ["global mean", "global std", "channel mean", "channel std", "α_gs", "α_phis"]
-    first = {split: next(iter(per_teacher.values())) for split, per_teacher in heldout.items()}
     # Held-out splits also show the explained fraction of predicting the training mean everywhere.
-    baseline = {split: "explained_train_mean" in r for split, r in first.items()}
+    baseline = {split: "explained_train_mean" in next(iter(pt.values())) for split, pt in heldout.items()}
     for split in heldout:
         header += [f"{split} MSE", f"{split} explained"] + (
             [f"{split} explained by train mean"] if baseline[split] else []
@@ -286,7 +285,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]
     results["status"] = "finished" if finite else "failed"
     atomic_write_json(out / RESULTS_FILE, results)
     log.info(
-        "results per teacher (explained = 1 - MSE / held-out variance, teacher space):\n%s",
+        "results per teacher (explained = 1 - MSE / the split's variance, teacher space):\n%s",
         summary_table({"train": train_fit, **heldout}, stats),
     )
     log.info("wrote %s", out / RESULTS_FILE)
