@@ -1,17 +1,22 @@
-"""Benchmark: streaming float64 moments (phis.stats) vs one-shot ``torch.cov`` over tokens held in memory.
+"""Benchmark: streaming moments (phis.stats), float32 and float64 products, vs one-shot ``torch.cov``.
 
-    python -m experiments.bench_stats                      # C ∈ {256, 1024, 1536}, 2^21 tokens
-    python -m experiments.bench_stats --tokens 262144      # quick run
+    python -m experiments.bench_stats --threads 2                    # C ∈ {1024, 1536}, 2^19 tokens
+    python -m experiments.bench_stats --dims 256 --tokens 65536      # quick run
 
 Features are synthetic float32 tokens with SAM-like channel offsets (means in ±60, stds 2–30) and
 low-rank correlations, generated batch by batch from a seeded generator (generation is not timed).
-Every measurement runs in a fresh spawned process. Peak memory is that process's peak resident set
-(VmHWM, reset through /proc/self/clear_refs) minus its resident set just before the measured phase:
-it counts the input tokens each method must hold (one batch for streaming, every token for
-torch.cov) and one batch's generation temporaries. torch.cov runs in float32 on the float32 tokens
-(the usual one-shot practice; a float64 copy of 2M × 1536 tokens would need 25 GB). When the
-one-shot method would exceed --max-inmem-gb, it runs on the longest token prefix that fits, and
-the streaming accumulator is snapshotted at that same prefix for the comparison.
+Every measurement runs in a fresh spawned process. Three methods on the same tokens:
+- ``StreamingMoments`` with float32 products (the default): chunks centred on their float64 mean, the
+  upper block triangle of XᵀX in float32, accumulated in float64;
+- ``StreamingMoments`` with float64 products (``dtype=float64``): exact two-pass statistics, the
+  reference every other covariance is compared with;
+- ``torch.cov`` in float32 over all tokens held in memory (the usual one-shot practice; a float64 copy of
+  2M × 1536 tokens would need 25 GB).
+Peak memory is the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) minus its
+resident set just before the measured phase: the input tokens a method holds (one batch for streaming,
+every token for torch.cov) and one batch's generation temporaries. When torch.cov would exceed
+--max-inmem-gb it runs on the longest token prefix that fits, and the streaming accumulators are
+snapshotted at that prefix for the comparison. The ratio column is time per token over torch.cov's.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from phis.results import atomic_write_text, markdown_table
 from phis.stats import StreamingMoments
@@ -63,20 +69,30 @@ def _start_peak() -> int:
     return _rss_kb("VmRSS")
 
 
+STREAMS = {"stream_f32": "float32", "stream_f64": "float64"}  # method → StreamingMoments dtype
+METHOD_NAMES = {
+    "stream_f32": "StreamingMoments (float32 products)",
+    "stream_f64": "StreamingMoments (float64 products)",
+    "torch.cov": "torch.cov (float32, in memory)",
+}
+
+
 def _measure(
     method: str, dim: int, tokens: int, batch: int, seed: int, snapshot: int, path: str, threads: int
 ) -> dict:
     """Run one method in this (fresh) process; save its covariance (at ``snapshot`` tokens) to ``path``."""
     if threads > 0:
         torch.set_num_threads(threads)
+        threadpool_limits(threads)  # numpy's BLAS (the float64 reference's load) has its own pool
     params = _params(dim, seed)
-    StreamingMoments(dim).update(_batch(-1, 64, params, seed))  # warm up BLAS threads before measuring
+    for dtype in STREAMS.values():  # warm up both BLAS libraries' threads before measuring
+        StreamingMoments(dim, dtype).update(_batch(-1, 64, params, seed))
     torch.cov(_batch(-1, 64, params, seed).T)
     n_batches = -(-tokens // batch)
     sizes = [min(batch, tokens - i * batch) for i in range(n_batches)]
     base = _start_peak()
-    if method == "streaming":
-        moments, wall, seen = StreamingMoments(dim), 0.0, 0
+    if method in STREAMS:
+        moments, wall, seen = StreamingMoments(dim, STREAMS[method]), 0.0, 0
         for i, n in enumerate(sizes):
             y = _batch(i, n, params, seed)
             t0 = time.perf_counter()
@@ -105,8 +121,9 @@ def _in_fresh_process(*args) -> dict:
 
 def run(
     dims: list[int], tokens: int, batch: int, max_inmem_gb: float, seed: int, threads: int
-) -> tuple[list, list[str]]:
-    rows, notes = [], []
+) -> tuple[list, list[str], dict[int, float]]:
+    """Rows of the table, notes, and per width the float32 stream's time per token ÷ torch.cov's."""
+    rows, notes, ratios = [], [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for dim in dims:
             # torch.cov holds the tokens and one centred copy of them, both float32.
@@ -114,47 +131,41 @@ def run(
             n_cmp = min(tokens, fit)
             if n_cmp < batch:
                 raise ValueError(f"--max-inmem-gb {max_inmem_gb} leaves less than one batch for C={dim}")
-            s_path, c_path = f"{tmp}/stream.npy", f"{tmp}/cov.npy"
-            stream = _in_fresh_process("streaming", dim, tokens, batch, seed, n_cmp, s_path, threads)
-            oneshot = _in_fresh_process("torch.cov", dim, n_cmp, batch, seed, n_cmp, c_path, threads)
-            ref = np.load(s_path)
-            diff = float(np.abs(ref - np.load(c_path)).max())
-            rel = diff / float(np.abs(ref).max())
-            per_tok_s = stream["wall_s"] / tokens
-            per_tok_c = oneshot["wall_s"] / n_cmp
-            rows.append(
-                [
-                    dim,
-                    f"{tokens:,}",
-                    "StreamingMoments (float64)",
-                    f"{stream['wall_s']:.2f}",
-                    f"{tokens / stream['wall_s'] / 1e3:.0f}",
-                    f"{stream['peak_mb']:.0f}",
-                    "",
-                    "",
-                ]
-            )
-            rows.append(
-                [
-                    dim,
-                    f"{n_cmp:,}",
-                    "torch.cov (float32, in memory)",
-                    f"{oneshot['wall_s']:.2f}",
-                    f"{n_cmp / oneshot['wall_s'] / 1e3:.0f}",
-                    f"{oneshot['peak_mb']:.0f}",
-                    f"{per_tok_s / per_tok_c:.2f}",
-                    f"{diff:.2e} ({rel:.1e})",
-                ]
-            )
+            res, cov = {}, {}
+            for method in (*STREAMS, "torch.cov"):
+                n = n_cmp if method == "torch.cov" else tokens
+                path = f"{tmp}/{method}.npy"
+                res[method] = _in_fresh_process(method, dim, n, batch, seed, n_cmp, path, threads)
+                res[method]["tokens"] = n
+                cov[method] = np.load(path)
+            ref = cov["stream_f64"]  # exact two-pass statistics of the first n_cmp tokens
+            scale = float(np.abs(ref).max())
+            per_token_cov = res["torch.cov"]["wall_s"] / n_cmp
+            for method, r in res.items():
+                ratio = r["wall_s"] / r["tokens"] / per_token_cov
+                diff = float(np.abs(cov[method] - ref).max())
+                rows.append(
+                    [
+                        dim,
+                        f"{r['tokens']:,}",
+                        METHOD_NAMES[method],
+                        f"{r['wall_s']:.2f}",
+                        f"{r['tokens'] / r['wall_s'] / 1e3:.0f}",
+                        f"{r['peak_mb']:.0f}",
+                        f"{ratio:.2f}",
+                        "reference" if method == "stream_f64" else f"{diff:.2e} ({diff / scale:.1e})",
+                    ]
+                )
+            ratios[dim] = res["stream_f32"]["wall_s"] / tokens / per_token_cov
             if n_cmp < tokens:
                 need = 2 * 4 * dim * tokens / 2**30
                 notes.append(
                     f"C={dim}: torch.cov over all {tokens:,} tokens needs {need:.1f} GB > the "
                     f"{max_inmem_gb} GB budget; it ran on the first {n_cmp:,} tokens, compared "
-                    "with the streaming snapshot at that prefix."
+                    "with the streaming snapshots at that prefix."
                 )
-            print(markdown_table(HEADER, rows[-2:]), flush=True)
-    return rows, notes
+            print(markdown_table(HEADER, rows[-3:]), flush=True)
+    return rows, notes, ratios
 
 
 HEADER = [
@@ -164,34 +175,43 @@ HEADER = [
     "wall s",
     "ktok/s",
     "peak MB",
-    "time/token ratio (stream ÷ cov)",
-    "max |ΔΣ| (rel. to max |Σ|)",
+    "time/token ÷ torch.cov's",
+    "max |ΔΣ| vs float64 stream (rel. to max |Σ|)",
 ]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dims", type=int, nargs="+", default=[256, 1024, 1536])
-    p.add_argument("--tokens", type=int, default=2**21)
+    p.add_argument("--dims", type=int, nargs="+", default=[1024, 1536])
+    p.add_argument("--tokens", type=int, default=2**19)
     p.add_argument("--batch", type=int, default=65536)
     p.add_argument("--max-inmem-gb", type=float, default=6.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads per measurement (0: torch default)")
+    p.add_argument("--threads", type=int, default=0, help="torch and BLAS threads (0: their defaults)")
+    p.add_argument("--repeats", type=int, default=1, help="measure everything this many times")
     p.add_argument("--out", default="outputs/bench_stats.md")
     args = p.parse_args()
-    load = os.getloadavg()
-    rows, notes = run(args.dims, args.tokens, args.batch, args.max_inmem_gb, args.seed, args.threads)
+    rows, notes, summary = [], [], []
+    for k in range(args.repeats):
+        load = os.getloadavg()[0]
+        r_rows, notes, ratios = run(
+            args.dims, args.tokens, args.batch, args.max_inmem_gb, args.seed, args.threads
+        )
+        rows += [[k + 1, *row] for row in r_rows]
+        ratio_text = ", ".join(f"C={d}: {r:.2f}" for d, r in ratios.items())
+        summary.append(f"- run {k + 1} (load average {load:.1f} at its start): {ratio_text}")
     threads = args.threads or torch.get_num_threads()
     text = (
-        "### StreamingMoments vs one-shot torch.cov\n\n"
-        + markdown_table(HEADER, rows)
-        + f"\nMachine: {os.cpu_count()} CPUs, torch {torch.__version__} with {threads} "
-        f"thread(s), load average at start {load[0]:.1f}; batches of {args.batch:,} float32 tokens "
-        "(SAM-like offsets).\n"
+        "### Streaming moments vs one-shot torch.cov\n\n"
+        + markdown_table(["run", *HEADER], rows)
+        + "\nFloat32-product stream, time per token ÷ torch.cov's:\n"
+        + "\n".join(summary)
+        + f"\n\nMachine: {os.cpu_count()} CPUs, torch {torch.__version__} with {threads} "
+        f"thread(s); batches of {args.batch:,} float32 tokens (SAM-like offsets).\n"
         "Peak MB: increase of the measuring process's peak resident set over the measured phase, "
         "including the tokens the method holds (one batch vs all) and one batch's generation temporaries. "
-        "Wall time excludes data generation. ΔΣ: streaming float64 covariance minus torch.cov's float32 "
-        "one on the same tokens.\n" + "".join(f"\n- {n}" for n in notes) + "\n"
+        "Wall time excludes data generation. ΔΣ: each covariance minus the float64-product stream's on the "
+        "same tokens.\n" + "".join(f"\n- {n}" for n in notes) + "\n"
     )
     atomic_write_text(Path(args.out), text)
     print(text)

@@ -150,7 +150,7 @@ class TeacherCache:
                         feats = np.lib.format.open_memmap(
                             tmp / "features.npy", mode="w+", dtype=self.dtype, shape=(n, *y.shape[1:])
                         )
-                        moments = StreamingMoments(y.shape[-1])
+                        moments = StreamingMoments(y.shape[-1], torch.float64)  # exact, built once
                         if out.summary is not None:
                             summ = np.lib.format.open_memmap(
                                 tmp / "summary.npy",
@@ -237,7 +237,7 @@ class TeacherCache:
     def moments(self) -> StreamingMoments:
         """Float64 moments of all stored feature tokens (computed once, at build time)."""
         self._require_ready()
-        m = StreamingMoments(self.meta["feature_dim"])
+        m = StreamingMoments(self.meta["feature_dim"], torch.float64)
         m.load_state_dict(torch.load(self.path / "moments.pt", weights_only=True))
         return m
 

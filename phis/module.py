@@ -381,7 +381,12 @@ class DistillModule(pl.LightningModule):
         was_training = self.training
         self.eval()
         acc: dict[str, dict[str, Any]] = {
-            n: {"sse": 0.0, "moments": StreamingMoments(s["feature_dim"]).to(self.device), "cos": 0.0, "m": 0}
+            n: {
+                "sse": 0.0,
+                "moments": StreamingMoments(s["feature_dim"], torch.float64).to(self.device),
+                "cos": 0.0,
+                "m": 0,
+            }
             for n, s in self.teacher_specs.items()
         }
         for batch in batches:

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from phis.hadamard import hadamard_matrix
-from phis.stats import StreamingMoments
+from phis.stats import PRODUCT_DTYPES, StreamingMoments
 
 NORMALIZERS = (
     "identity",
@@ -108,15 +108,20 @@ class Normalizer(nn.Module):
         schedule: EstimationSchedule | None = None,
         eps_rel: float = 1e-6,
         eps_abs: float = 1e-12,
+        stats_dtype: str = "float32",
     ) -> None:
         super().__init__()
         if eps_rel < 0 or eps_abs < 0:
             raise ValueError(f"eps_rel and eps_abs must be >= 0, got {eps_rel}, {eps_abs}")
+        if stats_dtype not in PRODUCT_DTYPES:
+            choices = ", ".join(PRODUCT_DTYPES)
+            raise ValueError(f"unknown stats_dtype {stats_dtype!r}; choose one of {choices}")
         self.dim = dim
         self.schedule = schedule if schedule is not None else EstimationSchedule()
         self.eps_rel = eps_rel
         self.eps_abs = eps_abs
-        self.stats = StreamingMoments(dim)
+        # float32: products XᵀX in float32 (~1e-7 of max |Σ|, fast); float64: exact (see phis.stats).
+        self.stats = StreamingMoments(dim, stats_dtype)
         f64 = torch.float64
         self.register_buffer("mu", torch.zeros(dim, dtype=f64))
         self.register_buffer("weight", torch.eye(dim, dtype=f64))
@@ -409,11 +414,12 @@ _REGISTRY: dict[str, type[Normalizer]] = {
     cls.name: cls
     for cls in (Identity, GlobalStandardize, Standardize, PCAWhiten, ZCAWhiten, HadamardWhiten, PHIS)
 }
-_CFG_KEYS = ("estimate_steps", "refit_every", "eps_rel", "eps_abs")
+_CFG_KEYS = ("estimate_steps", "refit_every", "eps_rel", "eps_abs", "stats_dtype")
 
 
 def make_normalizer(name: str, dim: int, **cfg: Any) -> Normalizer:
-    """Build a normalizer by config name; cfg may hold estimate_steps, refit_every, eps_rel, eps_abs."""
+    """Build a normalizer by config name; cfg may hold estimate_steps, refit_every, eps_rel, eps_abs,
+    stats_dtype."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown normalizer {name!r}; choose one of {', '.join(NORMALIZERS)}")
     unknown = sorted(set(cfg) - set(_CFG_KEYS))

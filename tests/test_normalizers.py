@@ -24,8 +24,13 @@ WHITENINGS = ("pca_whiten", "zca_whiten", "hadamard_whiten")
 FITTED = tuple(n for n in NORMALIZERS if n != "identity")
 
 
+def make_exact(name: str, dim: int, **cfg) -> Normalizer:
+    """A normalizer with float64 statistics: these tests check identities to ~1e-10."""
+    return make_normalizer(name, dim, stats_dtype="float64", **cfg)
+
+
 def fitted(name: str, y: torch.Tensor, **cfg) -> Normalizer:
-    norm = make_normalizer(name, y.shape[-1], **cfg)
+    norm = make_exact(name, y.shape[-1], **cfg)
     norm.update(y)
     norm.fit()
     return norm
@@ -57,7 +62,7 @@ def test_roundtrip_and_inverse(name, data):
 
 
 def test_identity_is_exact_passthrough(data):
-    norm = make_normalizer("identity", 20)
+    norm = make_exact("identity", 20)
     assert norm.fitted
     assert torch.equal(norm(data), data) and torch.equal(norm.denormalize(data), data)
     assert norm.step(data, 0) is False and norm.stats.count.item() == 0
@@ -65,7 +70,7 @@ def test_identity_is_exact_passthrough(data):
 
 @pytest.mark.parametrize("name", FITTED)
 def test_unfitted_is_identity_and_fit_needs_data(name, data):
-    norm = make_normalizer(name, 20)
+    norm = make_exact(name, 20)
     assert not norm.fitted
     assert torch.equal(norm(data), data) and torch.equal(norm.denormalize(data), data)
     with pytest.raises(RuntimeError, match="no statistics"):
@@ -215,7 +220,7 @@ def test_eps_policy_is_configurable():
 
 @pytest.mark.parametrize("name", ["global_standardize", "standardize", "pca_whiten", "phi_s"])
 def test_single_token_or_constant_features_refuse_to_fit(name):
-    norm = make_normalizer(name, 4)
+    norm = make_exact(name, 4)
     norm.update(torch.tensor([[60.0, -62.0, 1.0, 2.0]]))
     with pytest.raises(ValueError, match="zero total variance"):
         norm.fit()
@@ -225,7 +230,7 @@ def test_nan_features_raise(data):
     bad = data.clone()
     bad[5, 3] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
-        make_normalizer("phi_s", 20).update(bad)
+        make_exact("phi_s", 20).update(bad)
 
 
 @pytest.mark.parametrize("name", NORMALIZERS)
@@ -252,7 +257,7 @@ def test_refits_are_bit_identical_and_sign_stable(name, data):
     w1 = a.weight.clone()
     a.fit()
     assert torch.equal(a.weight, w1)
-    b = make_normalizer(name, 20)
+    b = make_exact(name, 20)
     for chunk in data.flip(0).split(333):  # other order, other batching: same transform up to round-off
         b.update(chunk)
     b.fit()
@@ -285,7 +290,7 @@ def test_channel_permutation(data):
 
 
 def test_schedule_updates_refits_then_freezes(data):
-    norm = make_normalizer("phi_s", 20, estimate_steps=5, refit_every=2)
+    norm = make_exact("phi_s", 20, estimate_steps=5, refit_every=2)
     batches = data.split(100)
     refits, counts = [], []
     for i in range(8):
@@ -309,14 +314,14 @@ def test_schedule_updates_refits_then_freezes(data):
 
 
 def test_schedule_last_step_refit_and_accumulation(data):
-    norm = make_normalizer("standardize", 20, estimate_steps=3, refit_every=10)
+    norm = make_exact("standardize", 20, estimate_steps=3, refit_every=10)
     flags = [norm.step(b, s) for b, s in zip(data.split(100)[:5], [0, 1, 2, 2, 3])]
     assert flags == [True, False, True, True, False]  # step 2 is the last: both micro-batches refit
     torch.testing.assert_close(norm.weight, fitted("standardize", data[:400]).weight, rtol=1e-12, atol=0)
 
 
 def test_schedule_external_fit(data):
-    norm = make_normalizer("zca_whiten", 20, estimate_steps=0)
+    norm = make_exact("zca_whiten", 20, estimate_steps=0)
     with pytest.raises(RuntimeError, match="estimate_steps=0"):
         norm.step(data, 0)
     norm.update(data)  # e.g. from a teacher cache
@@ -327,10 +332,10 @@ def test_schedule_external_fit(data):
 
 
 def test_state_dict_roundtrip(data):
-    norm = make_normalizer("phi_s", 20, estimate_steps=2, refit_every=1)
+    norm = make_exact("phi_s", 20, estimate_steps=2, refit_every=1)
     for i, b in enumerate(data.split(500)[:3]):
         norm.step(b, i)
-    fresh = make_normalizer("phi_s", 20, estimate_steps=2, refit_every=1)
+    fresh = make_exact("phi_s", 20, estimate_steps=2, refit_every=1)
     fresh.load_state_dict(norm.state_dict())
     assert fresh.fitted and fresh.frozen and fresh.alpha == norm.alpha
     assert torch.equal(fresh(data), norm(data))
@@ -349,3 +354,28 @@ def test_make_normalizer_errors():
     with pytest.raises(RuntimeError, match="not fitted"):
         _ = make_normalizer("phi_s", 8).alpha
     assert EstimationSchedule() == EstimationSchedule(3000, 100)
+
+
+@pytest.mark.parametrize("name", FITTED)
+def test_default_float32_statistics_fit_the_float64_transform(name):
+    # Hostile offsets: the default float32-product statistics give the exact transform to ~1e-6.
+    g = torch.Generator().manual_seed(21)
+    # Well-conditioned mixing: whitening multiplies any statistics error by λ_max / λ_min.
+    mix = torch.eye(24) + 0.3 * torch.randn(24, 24, generator=g) / 24**0.5
+    y = (torch.randn(4000, 24, generator=g) @ mix) * (2 + 28 * torch.rand(24, generator=g)) + 60
+    fast = make_normalizer(name, 24)
+    fast.update(y)
+    fast.fit()
+    exact = fitted(name, y)
+    assert fast.stats.dtype == torch.float32 and exact.stats.dtype == F64
+    torch.testing.assert_close(fast.mu, exact.mu, rtol=0, atol=1e-9)
+    # Eigenvectors of close eigenvalues may turn by more than the statistics' error, so compare what the
+    # transform does: the covariance of the normalized features (the identity for the whitenings).
+    cov = torch.from_numpy(np_cov(y))
+    out_fast, out_exact = (n.weight @ cov @ n.weight.T for n in (fast, exact))
+    torch.testing.assert_close(out_fast, out_exact, rtol=0, atol=1e-5 * out_exact.abs().max())
+
+
+def test_unknown_stats_dtype():
+    with pytest.raises(ValueError, match="stats_dtype 'float16'; choose one of float32, float64"):
+        make_normalizer("phi_s", 8, stats_dtype="float16")
