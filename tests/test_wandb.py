@@ -115,6 +115,14 @@ def test_run_name_from_the_swept_overrides() -> None:
     assert wbl.run_name(["logger=wandb"], None, groups, "fallback") == "fallback"
 
 
+def test_sweep_keys_of_the_command_line_reach_the_jobs(monkeypatch) -> None:
+    monkeypatch.delenv(wbl.SWEEP_KEYS_ENV, raising=False)
+    task = ["method=mse,phi_s", "seed=0", "+profile=smoke", "sd.corruption.eta=range(0,1,0.5)"]
+    config = OmegaConf.create({"hydra": {"overrides": {"task": task}}})
+    wbl.SweepMirror().on_multirun_start(config)
+    assert os.environ[wbl.SWEEP_KEYS_ENV] == "method,sd.corruption.eta"
+
+
 def test_flat_numbers_keeps_every_scalar_under_its_path() -> None:
     results = {
         "status": "finished",
@@ -288,11 +296,10 @@ def test_selfdistill_multirun_gives_one_run_per_job_and_a_table_run(tmp_path: Pa
     proc = _cli(
         "phis.selfdistill.run",
         "-m",
-        "sd_experiment=block_table",
+        "sd/pll=both",
         "sd.features.n=6",
         "sd.features.n_test=2",
-        "sd.corruption.eta=0.0,0.5",
-        "seed=0",
+        "sd.corruption.eta=0.0,0.5",  # swept on the command line only: the names come from here
         "logger=wandb",
         f"hydra.sweep.dir={sweep}",
         f"tables_dir={tables}",
@@ -301,20 +308,20 @@ def test_selfdistill_multirun_gives_one_run_per_job_and_a_table_run(tmp_path: Pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = runs_under(sweep)
     jobs = {r.name: r for r in runs if r.job_type != "tables"}
-    assert sorted(jobs) == ["eta_0.0/seed_0", "eta_0.5/seed_0"]
+    assert sorted(jobs) == ["eta_0.0", "eta_0.5"]
     assert len({r.run_id for r in jobs.values()}) == 2
     for run in jobs.values():
-        assert run.group == "block_table" and run.exit_code == 0
-        assert {"experiment:block_table", "noise:sym", "solver:exact"} <= set(run.tags)
+        assert run.group == "adhoc" and run.exit_code == 0
+        assert {"experiment:adhoc", "noise:sym", "solver:exact", "pll:gce+ce"} <= set(run.tags)
         rows = {row[0]: row for row in run.table("results/models")["data"]}
         assert list(rows) == ["Teacher", "2", "3", "4", "5", "PLL", "PLL-CE"]
         assert run.summary["models/PLL/train_acc_true"] == pytest.approx(rows["PLL"][3])
     # job directories are named without the logger choice, so logger=wandb reuses finished jobs
     assert not any("logger" in p.name for p in sweep.iterdir())
     (table_run,) = [r for r in runs if r.job_type == "tables"]
-    assert table_run.group == "block_table"
-    assert table_run.table("tables/block_table_train_acc_true")["data"]
-    assert "figures/block_table_gain" in table_run.summary
+    assert table_run.group == "adhoc"
+    assert table_run.table("tables/adhoc_train_acc_true")["data"]
+    assert "figures/adhoc_gain" in table_run.summary
 
 
 @pytest.mark.slow
