@@ -42,7 +42,7 @@ SKIPPED = ("config", "choices")  # results.json subtrees that are configuration,
 
 
 def wandb_settings(cfg: DictConfig) -> dict[str, Any] | None:
-    """The ``logger.wandb`` node (project, entity, group, mode, dir), or None when W&B is off."""
+    """The ``logger.wandb`` settings (project, entity, group, mode), or None when W&B is off."""
     logger = cfg.get("logger")
     if not logger or "wandb" not in logger:
         return None
@@ -394,7 +394,9 @@ class SweepMirror(Callback):
                 err,
             )
 
-    def _log(self, settings: dict[str, Any], sweep_dir: Path, tables_dir: Path | None, prof: str) -> None:
+    def _log(
+        self, settings: dict[str, Any], sweep_dir: Path, tables_dir: Path | None, job_profile: str
+    ) -> None:
         import wandb
 
         id_file = sweep_dir / SWEEP_RUN_FILE
@@ -407,7 +409,7 @@ class SweepMirror(Callback):
             group=settings["group"],
             job_type="tables",
             name=f"{group}/tables",
-            tags=["sweep-tables", f"profile:{prof}"],
+            tags=["sweep-tables", f"profile:{job_profile}"],
             id=run_id,
             resume="allow",
             dir=str(sweep_dir),
@@ -418,6 +420,7 @@ class SweepMirror(Callback):
             payload: dict[str, Any] = {"sweep/jobs": _table(*job_rows(sweep_dir))}
             files = sorted(tables_dir.glob("*")) if tables_dir and tables_dir.is_dir() else []
             artifact = wandb.Artifact(f"{group.replace('/', '-')}-tables", type="sweep-tables")
+            added = False
             for path in files:
                 if path.suffix == ".csv":
                     header, *rows = _csv_rows(path) or [[]]
@@ -429,8 +432,9 @@ class SweepMirror(Callback):
                 else:
                     continue
                 artifact.add_file(str(path))
+                added = True
             run.log(payload)
-            if files:
+            if added:  # the markdown/CSV/PNG files themselves, to download beside the dashboard
                 run.log_artifact(artifact)
             run.finish(exit_code=0)
         except BaseException:
