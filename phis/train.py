@@ -42,6 +42,7 @@ from phis.results import (
     markdown_table,
     read_json,
 )
+from phis.wandb_logging import JobMirror, train_tables, train_tags
 
 log = logging.getLogger("phis.train")
 
@@ -206,7 +207,17 @@ def _choices() -> dict[str, Any]:
 
 
 def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
-    """Run (or resume, or skip) one distillation job; returns what it wrote to results.json."""
+    """Run (or resume, or skip) one distillation job; returns what it wrote to results.json.
+
+    With ``logger=wandb`` the job's W&B run mirrors it and is finished when the job ends, however it ends.
+    """
+    with JobMirror(cfg, train_tags(cfg), cfg.output_dir) as mirror:
+        results = _train(cfg, callbacks, mirror)
+        mirror.record(results, train_tables(results))
+        return results
+
+
+def _train(cfg: DictConfig, callbacks: Sequence[Callback], mirror: JobMirror) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     if is_finished(out):
         log.info(
@@ -233,7 +244,10 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]
         log.info("resuming from %s", resume)
 
     checkpoint = LastCheckpoint(last, cfg.checkpoint.every_n_epochs)
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    if mirror.configured:
+        logger = mirror.trainer_loggers()
+    else:
+        logger = instantiate(cfg.logger) if cfg.get("logger") else False
     bars = [TQDMProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
     trainer: pl.Trainer = instantiate(
         cfg.trainer, logger=logger, callbacks=[checkpoint, *bars, *callbacks], default_root_dir=str(out)

@@ -286,7 +286,8 @@ def test_other_group_choices_compose(choice: str, tmp_path) -> None:
     elif choice == "experiment=example":
         assert cfg.name == "example" and cfg.normalizer.name == "identity" and cfg.trainer.max_steps == 96
     elif choice == "logger=wandb":
-        assert cfg.logger.group == "default" and cfg.logger.offline
+        assert cfg.logger.wandb.group == "default" and cfg.logger.csv._target_.endswith("CSVLogger")
+        assert cfg.hydra.callbacks.wandb._target_ == "phis.wandb_logging.SweepMirror"
     else:
         assert cfg.trainer.accelerator == "gpu" and cfg.trainer.devices == -1
         assert cfg.trainer.strategy._target_.endswith("DDPStrategy")

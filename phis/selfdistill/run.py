@@ -36,6 +36,7 @@ from phis.selfdistill.corruption import (
 )
 from phis.selfdistill.features import FeatureSet, atomic_savez, load_features
 from phis.selfdistill.probe import PLL_LOSSES, SOLVERS, SGDRecipe, self_distill
+from phis.wandb_logging import JobMirror, selfdistill_tables, selfdistill_tags
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ REPORTS = ("table", "region", "simplex", "spectrum")
 SUPERCLASS_SOURCES = ("cluster", "features")
 OUTPUTS_FILE = "outputs.npz"
 # Config keys that cannot change a job's results: a finished job is reused whatever their values.
-NON_RESULT_KEYS = ("tables_dir", "threads", "cache_dir")
+NON_RESULT_KEYS = ("tables_dir", "threads", "cache_dir", "logger")
 
 
 def _check(value: Any, choices: tuple, key: str) -> None:
@@ -226,14 +227,18 @@ def main(cfg: DictConfig) -> None:
         log.info("already finished: %s", out_dir)
         return
     torch.set_num_threads(int(cfg.threads))
-    try:
-        with threadpool_limits(int(cfg.threads)):
-            result = run_job(config, out_dir)
-    except Exception as err:
-        failure = {"status": "failed", "error": f"{type(err).__name__}: {err}", "config": config}
-        atomic_write_json(out_dir / RESULTS_FILE, failure)
-        raise
-    atomic_write_json(out_dir / RESULTS_FILE, {**result, "config": config, "status": "finished"})
+    with JobMirror(cfg, selfdistill_tags(cfg), out_dir) as mirror:  # logger=wandb: this job's run
+        mirror.open()
+        try:
+            with threadpool_limits(int(cfg.threads)):
+                result = run_job(config, out_dir)
+        except Exception as err:
+            failure = {"status": "failed", "error": f"{type(err).__name__}: {err}", "config": config}
+            atomic_write_json(out_dir / RESULTS_FILE, failure)
+            raise
+        final = {**result, "config": config, "status": "finished"}
+        atomic_write_json(out_dir / RESULTS_FILE, final)
+        mirror.record(final, selfdistill_tables(final))
 
 
 if __name__ == "__main__":
