@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -41,6 +42,10 @@ NORMALIZER_FITS = ("cache", "schedule")
 RESAMPLE_TO = ("student", "teacher")
 RESAMPLE_MODES = ("bilinear", "bicubic", "nearest", "area")
 OPTIMIZERS = ("adamw", "lamb", "sgd")
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+COMPILE_TARGETS = ("teachers", "student")
+
+log = logging.getLogger(__name__)
 
 
 def resample_grid(y: Tensor, size: tuple[int, int], mode: str = "bilinear") -> Tensor:
@@ -143,10 +148,12 @@ class DistillModule(pl.LightningModule):
             raise RuntimeError("the batch carries no cached teacher outputs and no teachers are attached")
         out = {}
         for n, teacher in self._teachers.items():
-            o = teacher(batch["images"])
+            with torch.inference_mode():
+                o = teacher(batch["images"])
+            # Copies made outside inference mode: the loss may keep the targets for its backward pass.
             out[n] = (
-                None if o.summary is None else o.summary.float(),
-                o.features.float().permute(0, 2, 3, 1),
+                None if o.summary is None else o.summary.float().clone(),
+                o.features.float().permute(0, 2, 3, 1).clone(),
             )
         return out
 
@@ -237,6 +244,8 @@ class DistillModule(pl.LightningModule):
                 f"non-finite training loss ({float(logs['loss'])}) at step {int(self.global_step)}; "
                 f"per-teacher terms: {terms}. Stopping; the last good checkpoint is kept"
             )
+        if "skipped" in batch:  # shard samples that could not be decoded (phis.shards)
+            logs["skipped_samples"] = torch.tensor(float(batch["skipped"]))
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False)
         self.log("loss", logs["loss"], prog_bar=True, on_step=True, on_epoch=False, logger=False)
         return loss
@@ -259,8 +268,7 @@ class DistillModule(pl.LightningModule):
             )
         if not dm.cache_enabled and not self._teachers:
             self.attach_teachers(dm.teachers)
-        for teacher in self._teachers.values():
-            teacher.to(self.device)
+        self.prepare_teachers()
         if self.distill_cfg["normalizer_fit"] == "cache":
             if not dm.cache_enabled:
                 raise ValueError(
@@ -271,6 +279,35 @@ class DistillModule(pl.LightningModule):
             fitted = all(norm.fitted for norm in self.normalizers.values())
             if not fitted or int(self.stage_resolution) != resolution:
                 self.fit_normalizers(dm.caches["train"], resolution)
+
+    def prepare_teachers(self) -> None:
+        """Move the attached teachers to the device once: cast to ``distill.teacher_dtype`` and optionally
+        compile them and the student's blocks (``distill.compile``; CUDA only, the CPU keeps eager mode).
+
+        ``teacher_dtype``: ``auto`` (bfloat16 on CUDA, float32 elsewhere), ``bfloat16``, ``float16`` or
+        ``float32``. Targets are always returned in float32.
+        """
+        choice = self.distill_cfg.get("teacher_dtype", "auto")
+        _check_choice("distill.teacher_dtype", choice, TEACHER_DTYPES)
+        cuda = self.device.type == "cuda"
+        if choice == "auto":
+            dtype = torch.bfloat16 if cuda else torch.float32
+        else:
+            dtype = getattr(torch, choice)
+        compile_what = self.distill_cfg.get("compile") or []
+        compile_what = [compile_what] if isinstance(compile_what, str) else list(compile_what)
+        for what in compile_what:
+            _check_choice("distill.compile entry", what, COMPILE_TARGETS)
+        if compile_what and not cuda:
+            log.info("distill.compile=%s ignored: torch.compile is only used on CUDA", compile_what)
+        for teacher in self._teachers.values():
+            teacher.to(device=self.device, dtype=dtype)
+            if cuda and "teachers" in compile_what:
+                teacher.compile()
+        if cuda and "student" in compile_what and not getattr(self, "_student_compiled", False):
+            for block in self.student.trunk.blocks:
+                block.compile()
+            self._student_compiled = True
 
     @torch.no_grad()
     def fit_normalizers(
