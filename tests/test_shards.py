@@ -294,3 +294,20 @@ def test_run_on_shards_killed_by_requeue_signal_resumes_to_the_same_result(shard
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert resumed["heldout"] == whole["heldout"] and resumed["final_train"] == whole["final_train"]
+
+
+def test_paper_profile_trains_on_shards_with_step_checkpoints_requeue_and_capped_evaluation(
+    monkeypatch, tmp_path
+) -> None:
+    """Every paper job (here one phis_methods point) reads its shards from PHIS_DATA_URLS."""
+    monkeypatch.setenv("PHIS_DATA_URLS", "/cluster/dc1b/{00000..00009}.tar::/cluster/extra/{0..1}.tar")
+    overrides = ["experiment=phis_methods", "+profile=paper", "launcher=slurm", f"output_dir={tmp_path}"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    assert cfg.data.train._target_ == "phis.shards.ShardStream" and cfg.cache.enabled is False
+    assert len(expand_urls(cfg.data.train.urls)) == 12 and cfg.data.heldout_limit > 0
+    assert cfg.checkpoint.every_n_steps > 0 and cfg.checkpoint.every_n_minutes > 0
+    assert list(cfg.checkpoint.on_signal) == ["SIGUSR2"] and cfg.hydra.launcher.max_num_timeout > 0
+    assert cfg.trainer.plugins[0].auto_requeue is False  # submitit requeues, not Lightning as well
+    assert cfg.eval.heldout_limit and cfg.distill.normalizer_fit == "schedule"
