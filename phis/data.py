@@ -429,8 +429,9 @@ class DistillDataModule(pl.LightningDataModule):
             for name, t in self.teachers.items()
         }
 
-    def dataset(self, split: str, limit: int | None = None) -> DistillDataset:
-        """Images of a split with their cached targets (if caching), the first ``limit`` only if given.
+    def dataset(self, split: str, limit: int | None = None, rank: int = 0, world_size: int = 1) -> Dataset:
+        """Images of a split with their cached targets (if caching), the first ``limit`` only if given;
+        with ``world_size`` > 1 every ``world_size``-th of those from ``rank`` (evaluation spread over ranks).
 
         A streamed training split is represented by the first ``limit`` (default 1024) images of its shards.
         """
@@ -442,9 +443,10 @@ class DistillDataModule(pl.LightningDataModule):
 
             images = HeldoutImages(images.urls, images.size, limit or 1024, name="train_shards")
         data = DistillDataset(images, self.caches.get(split))
-        if limit is not None and limit < len(data):
-            return Subset(data, range(limit))
-        return data
+        count = len(data) if limit is None else min(limit, len(data))
+        if count == len(data) and world_size == 1:
+            return data
+        return Subset(data, range(rank, count, world_size))
 
     def _batches_done(self) -> int:
         trainer = self.trainer
@@ -484,9 +486,11 @@ class DistillDataModule(pl.LightningDataModule):
             batch = {**batch, "images": images.float().div_(255.0)}
         return batch
 
-    def heldout_dataloader(self, split: str = "val", limit: int | None = None) -> DataLoader:
-        """Sequential batches of a held-out split (its first ``limit`` images if given)."""
-        data = self.dataset(split, limit)
+    def heldout_dataloader(
+        self, split: str = "val", limit: int | None = None, rank: int = 0, world_size: int = 1
+    ) -> DataLoader:
+        """Sequential batches of a held-out split (``limit``, ``rank``, ``world_size``: see ``dataset``)."""
+        data = self.dataset(split, limit, rank, world_size)
         return DataLoader(data, batch_size=self.batch_size, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:

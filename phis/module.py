@@ -29,6 +29,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -407,13 +408,16 @@ class DistillModule(pl.LightningModule):
         return folded
 
     @torch.no_grad()
-    def heldout_metrics(self, batches: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    def heldout_metrics(
+        self, batches: Iterable[Mapping[str, Any]], distributed: bool = False
+    ) -> dict[str, dict[str, Any]]:
         """Per teacher, on held-out batches: teacher-space MSE, target variance and the explained fraction.
 
         Errors are measured on the teacher's own grid against the raw targets; ``variance`` is the mean
         per-channel variance of the held-out targets (tr Σ / C), so ``explained = 1 − MSE / variance`` is
         0 for predicting the held-out mean itself. ``summary_cosine`` is the mean cosine similarity of
-        predicted and true summaries.
+        predicted and true summaries. With ``distributed`` every rank passes its share of the batches and
+        all ranks return the metrics of all of them (sums and moments all-reduced).
         """
         was_training = self.training
         self.eval()
@@ -436,6 +440,12 @@ class DistillModule(pl.LightningModule):
                     a["cos"] += float(cos.sum())
                     a["m"] += len(images)
         self.train(was_training)
+        if distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for a in acc.values():
+                a["moments"].all_reduce_()
+                sums = torch.tensor([a["sse"], a["cos"], a["m"]], dtype=torch.float64, device=self.device)
+                dist.all_reduce(sums)
+                a["sse"], a["cos"], a["m"] = float(sums[0]), float(sums[1]), int(sums[2])
         res = {}
         for n, a in acc.items():
             m = a["moments"]

@@ -41,6 +41,7 @@ from phis.data import IMAGE_EXTENSIONS
 log = logging.getLogger(__name__)
 
 SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+MAX_EMPTY_SHARDS = 8  # consecutive shards without a sample before a stream gives up
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
@@ -190,9 +191,24 @@ class ShardStream(IterableDataset):
                 return
             cycle += 1
 
+    def _samples(self, epoch: int, unit: int, units: int, skips: _Skips) -> Iterator[dict[str, Any]]:
+        """Raw samples of one unit's shards; a run of unreadable shards means the URLs are wrong."""
+        empty = 0
+        for url in self._shard_order(epoch, unit, units):
+            got = False
+            for s in shard_samples(url, skips):
+                got = True
+                yield s
+            empty = 0 if got else empty + 1
+            if empty == MAX_EMPTY_SHARDS:
+                raise RuntimeError(
+                    f"{empty} shards in a row gave no samples (the last: {url}); check data.urls "
+                    f"({self.urls[0]} ... {self.urls[-1]}, {len(self.urls)} shards)"
+                )
+
     def _raw_batches(self, epoch: int, unit: int, units: int, skips: _Skips) -> Iterator[list[dict]]:
         """Undecoded batches of one unit: shards in order, buffer-shuffled samples, ``batch_size`` each."""
-        samples = (s for url in self._shard_order(epoch, unit, units) for s in shard_samples(url, skips))
+        samples = self._samples(epoch, unit, units, skips)
         rng = np.random.default_rng([self.seed, epoch, unit, 1])
         batch: list[dict] = []
         for s in shuffled(samples, self.shuffle_buffer, rng):

@@ -215,18 +215,24 @@ def check_resume(path: Path, module: DistillModule) -> None:
 
 
 def heldout_results(
-    module: DistillModule, dm: DistillDataModule, split: str, limit: int | None = None
+    module: DistillModule,
+    dm: DistillDataModule,
+    split: str,
+    limit: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, dict[str, Any]]:
-    """Per teacher on a held-out split (its first ``limit`` images if given): teacher-space MSE,
-    explained fraction, summary cosine.
+    """Per teacher on a held-out split (its first ``limit`` images if given, spread over ``world_size``
+    ranks, every rank calling): teacher-space MSE, explained fraction, summary cosine.
 
     With the cache and the whole split, ``explained_train_mean`` adds the explained fraction of the
     trivial predictor that outputs the training-set mean feature everywhere, the baseline a student has
     to beat.
     """
-    loader = dm.heldout_dataloader(split, limit)
-    res = module.heldout_metrics(loader)
-    if dm.cache_enabled and len(loader.dataset) == len(dm.sets[split]):
+    loader = dm.heldout_dataloader(split, limit, rank, world_size)
+    res = module.heldout_metrics(loader, distributed=world_size > 1)
+    whole = limit is None or limit >= len(dm.sets[split])
+    if dm.cache_enabled and whole:
         for n, r in res.items():
             held, train = dm.caches[split][n].moments(), dm.caches["train"][n].moments()
             # Its MSE is Var_held + (μ_held − μ_train)², averaged over channels.
@@ -332,15 +338,21 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]
             atomic_write_json(out / RESULTS_FILE, {"status": "failed", "error": msg, "choices": _choices()})
         raise FloatingPointError(msg) from err
     fit_s = time.perf_counter() - fit_start
-    if not trainer.is_global_zero:
-        return {}
 
     eval_start = time.perf_counter()
+    # Lightning's teardown leaves the module on the CPU; the (unmoved) teachers are on the device.
+    module.to(trainer.strategy.root_device)
     limit = cfg.eval.get("heldout_limit")  # images per split: the final evaluation stays bounded
-    heldout = {split: heldout_results(module, dm, split, limit) for split in dm.sets if split != "train"}
+    ranks = {"rank": trainer.global_rank, "world_size": trainer.world_size}  # every rank takes a share
+    heldout = {
+        split: heldout_results(module, dm, split, limit, **ranks) for split in dm.sets if split != "train"
+    }
     # The same numbers on the training crops: far above the held-out ones means overfitting, close to
     # them and low means the student is still underfitting (train longer or wider).
-    train_fit = module.heldout_metrics(dm.heldout_dataloader("train", limit))
+    fit_loader = dm.heldout_dataloader("train", limit, **ranks)
+    train_fit = module.heldout_metrics(fit_loader, distributed=trainer.world_size > 1)
+    if not trainer.is_global_zero:
+        return {}
     stats = {n: c.activation_stats() for n, c in dm.caches["train"].items()} if dm.cache_enabled else None
     external = external_evaluation(module, cfg)
     steps = int(trainer.global_step)

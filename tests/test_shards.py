@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Callback
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -172,6 +172,12 @@ def test_broken_samples_and_shards_are_skipped_and_counted(shard_dir, tmp_path, 
     assert len(messages) == 3 and messages[-1].endswith("(3 skipped by this process)")
 
 
+def test_a_stream_of_only_unreadable_shards_stops_with_a_clear_error(tmp_path: Path) -> None:
+    stream = ShardStream(f"{tmp_path}/typo-{{0..2}}.tar", 16, 2, epoch_steps=3)
+    with pytest.raises(RuntimeError, match="8 shards in a row gave no samples.*check data.urls"):
+        next(iter(stream))
+
+
 def test_heldout_sets_are_capped_and_named(shard_dir, tmp_path) -> None:
     held = HeldoutImages(str(shard_dir / "held-00000.tar"), 16, limit=4, name="held")
     assert len(held) == 4 and held[0].shape == (3, 16, 16) and held[0].dtype == torch.float32
@@ -308,6 +314,61 @@ def test_paper_profile_trains_on_shards_with_step_checkpoints_requeue_and_capped
     assert cfg.data.train._target_ == "phis.shards.ShardStream" and cfg.cache.enabled is False
     assert len(expand_urls(cfg.data.train.urls)) == 12 and cfg.data.heldout_limit > 0
     assert cfg.checkpoint.every_n_steps > 0 and cfg.checkpoint.every_n_minutes > 0
-    assert list(cfg.checkpoint.on_signal) == ["SIGUSR2"] and cfg.hydra.launcher.max_num_timeout > 0
+    assert list(cfg.checkpoint.on_signal) == ["SIGUSR2", "SIGTERM"] and cfg.hydra.launcher.max_num_timeout > 0
     assert cfg.trainer.plugins[0].auto_requeue is False  # submitit requeues, not Lightning as well
     assert cfg.eval.heldout_limit and cfg.distill.normalizer_fit == "schedule"
+
+
+def _module_and_batches(parts: dict) -> tuple:
+    """A tiny student for two teachers and 5 held-out batches with stored targets (large offsets)."""
+    from phis.module import DistillModule
+
+    torch.manual_seed(0)
+    specs = {
+        "a": {"summary_dim": 4, "feature_dim": 6, "grid": [2, 2]},
+        "b": {"feature_dim": 5, "grid": [3, 3]},
+    }
+    module = DistillModule(specs, **parts, max_steps=10)
+    gen = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(5):
+        targets = {
+            "a": {
+                "features": 3 * torch.randn(3, 2, 2, 6, generator=gen) - 40,
+                "summary": torch.randn(3, 4, generator=gen),
+            },
+            "b": {"features": torch.randn(3, 3, 3, 5, generator=gen) + 7},
+        }
+        batches.append({"images": torch.rand(3, 3, 32, 32, generator=gen), "targets": targets})
+    return module, batches
+
+
+def _heldout_on_rank(rank: int, init: str, parts: dict, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    module, batches = _module_and_batches(parts)
+    shared = module.heldout_metrics(batches[rank::2], distributed=True)  # 3 batches on rank 0, 2 on rank 1
+    if rank == 0:
+        Path(out).write_text(json.dumps({"shared": shared, "whole": module.heldout_metrics(batches)}))
+    dist.destroy_process_group()
+
+
+def test_final_heldout_metrics_spread_over_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, tmp_path, "method=mse")
+    parts = {
+        k: OmegaConf.to_container(cfg[k], resolve=True)
+        for k in ("student", "normalizer", "loss", "distill", "optim")
+    }
+    out = tmp_path / "heldout.json"
+    mp.start_processes(
+        _heldout_on_rank, args=(f"file://{tmp_path / 'init'}", parts, str(out)), nprocs=2, start_method="fork"
+    )
+    res = json.loads(out.read_text())
+    for name in ("a", "b"):
+        shared, whole = res["shared"][name], res["whole"][name]
+        assert shared["tokens"] == whole["tokens"] == 5 * 3 * (4 if name == "a" else 9)
+        for key in ("mse_teacher", "variance", "explained"):
+            assert shared[key] == pytest.approx(whole[key], rel=1e-9), (name, key)
+    assert res["shared"]["a"]["summary_cosine"] == pytest.approx(
+        res["whole"]["a"]["summary_cosine"], rel=1e-9
+    )
+    assert res["shared"]["b"]["summary_cosine"] is None
