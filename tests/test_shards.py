@@ -103,13 +103,14 @@ def _pass_on_rank(rank: int, init: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_with_two_workers_each_see_every_sample_exactly_once(shard_dir, tmp_path) -> None:
     result = tmp_path / "keys.json"
     mp.start_processes(
         _pass_on_rank,
         args=(f"file://{tmp_path / 'init'}", f"{train_urls(shard_dir)}|{result}"),
         nprocs=2,
-        start_method="fork",
+        start_method="spawn",
     )
     per_rank = json.loads(result.read_text())
     assert all(per_rank) and not set(per_rank[0]) & set(per_rank[1])
@@ -352,6 +353,7 @@ def _heldout_on_rank(rank: int, init: str, parts: dict, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_final_heldout_metrics_spread_over_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path, tmp_path, "method=mse")
     parts = {
@@ -360,7 +362,10 @@ def test_final_heldout_metrics_spread_over_two_gloo_ranks_equal_one_process(tmp_
     }
     out = tmp_path / "heldout.json"
     mp.start_processes(
-        _heldout_on_rank, args=(f"file://{tmp_path / 'init'}", parts, str(out)), nprocs=2, start_method="fork"
+        _heldout_on_rank,
+        args=(f"file://{tmp_path / 'init'}", parts, str(out)),
+        nprocs=2,
+        start_method="spawn",
     )
     res = json.loads(out.read_text())
     for name in ("a", "b"):
