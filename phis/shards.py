@@ -317,7 +317,12 @@ class HeldoutImages(Dataset):
                     break
         if not images:
             raise FileNotFoundError(f"held-out set {self.name!r}: no decodable images in {self.source!r}")
-        log.info("held-out set %r: %d images from %s", self.name, len(images), self.source)
+        where = (
+            self.source
+            if isinstance(self.source, str)
+            else f"{self.source[0]} ... ({len(self.source)} shards)"
+        )
+        log.info("held-out set %r: %d images from %s", self.name, len(images), where)
         return torch.stack(images)
 
     @property
