@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset
 
 from phis.cache import TeacherCache
 
@@ -336,7 +336,8 @@ class DistillDataModule(pl.LightningDataModule):
 
     ``teachers`` maps a teacher name to its config (``build_teacher`` input). Teachers are only built when
     a cache entry is missing or the cache is disabled (then the LightningModule runs them every step).
-    ``test`` is an optional second held-out set, evaluated at the end of training only.
+    ``test`` is an optional second held-out set, evaluated at the end of training only. ``train`` may be
+    a ``phis.shards.ShardStream`` (an endless stream of batches): it is never cached.
     """
 
     def __init__(
@@ -356,6 +357,12 @@ class DistillDataModule(pl.LightningDataModule):
         super().__init__()
         if not teachers:
             raise ValueError("the teacher set is empty; choose a set with teachers=<set>")
+        self.streaming = isinstance(train, IterableDataset)
+        if self.streaming and cache_enabled:
+            raise ValueError(
+                "a shard stream has no fixed image set to cache; set cache.enabled=false (the teachers "
+                "then run on every batch) or choose data=offline/folder"
+            )
         self.sets = {"train": train, "val": val} | ({"test": test} if test is not None else {})
         self.teacher_cfgs = {name: dict(cfg) for name, cfg in teachers.items()}
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
@@ -371,6 +378,7 @@ class DistillDataModule(pl.LightningDataModule):
                     for name, cfg in self.teacher_cfgs.items()
                 }
                 for split, images in self.sets.items()
+                if not (self.streaming and split == "train")
             }
 
     @property
@@ -421,19 +429,44 @@ class DistillDataModule(pl.LightningDataModule):
             for name, t in self.teachers.items()
         }
 
-    def dataset(self, split: str) -> DistillDataset:
-        """Images of a split with their cached targets (if caching)."""
+    def dataset(self, split: str, limit: int | None = None, rank: int = 0, world_size: int = 1) -> Dataset:
+        """Images of a split with their cached targets (if caching), the first ``limit`` only if given;
+        with ``world_size`` > 1 every ``world_size``-th of those from ``rank`` (evaluation spread over ranks).
+
+        A streamed training split is represented by the first ``limit`` (default 1024) images of its shards.
+        """
         if split not in self.sets:
             raise ValueError(f"no {split!r} set; this data module has {', '.join(self.sets)}")
-        return DistillDataset(self.sets[split], self.caches.get(split))
+        images = self.sets[split]
+        if split == "train" and self.streaming:
+            from phis.shards import HeldoutImages
+
+            images = HeldoutImages(images.urls, images.size, limit or 1024, name="train_shards")
+        data = DistillDataset(images, self.caches.get(split))
+        count = len(data) if limit is None else min(limit, len(data))
+        if count == len(data) and world_size == 1:
+            return data
+        return Subset(data, range(rank, count, world_size))
 
     def _batches_done(self) -> int:
         trainer = self.trainer
         return 0 if trainer is None else trainer.global_step * trainer.accumulate_grad_batches
 
     def train_dataloader(self) -> DataLoader:
-        data = self.dataset("train")
         trainer = self.trainer
+        if self.streaming:
+            from phis.shards import StreamLoader
+
+            stream = self.sets["train"]
+            if stream.batch_size != self.batch_size:
+                raise ValueError(
+                    f"the shard stream makes batches of {stream.batch_size}, the data module "
+                    f"{self.batch_size}; set both from data.batch_size"
+                )
+            if trainer is not None:
+                stream.place(trainer.global_rank, trainer.world_size)
+            return StreamLoader(stream, self._batches_done, self.num_workers)
+        data = self.dataset("train")
         sampler = StepBatchSampler(
             len(data),
             self.batch_size,
@@ -446,9 +479,19 @@ class DistillDataModule(pl.LightningDataModule):
             data, batch_sampler=sampler, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
         )
 
-    def heldout_dataloader(self, split: str = "val") -> DataLoader:
-        """Sequential batches of a held-out split."""
-        return DataLoader(self.dataset(split), batch_size=self.batch_size, num_workers=self.num_workers)
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Shard batches arrive as uint8 (a quarter of the bytes to move); scale to [0, 1] on the device."""
+        images = batch.get("images") if isinstance(batch, dict) else None
+        if images is not None and images.dtype == torch.uint8:
+            batch = {**batch, "images": images.float().div_(255.0)}
+        return batch
+
+    def heldout_dataloader(
+        self, split: str = "val", limit: int | None = None, rank: int = 0, world_size: int = 1
+    ) -> DataLoader:
+        """Sequential batches of a held-out split (``limit``, ``rank``, ``world_size``: see ``dataset``)."""
+        data = self.dataset(split, limit, rank, world_size)
+        return DataLoader(data, batch_size=self.batch_size, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self.heldout_dataloader("val")

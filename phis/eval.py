@@ -451,6 +451,7 @@ class EvalConfig:
     # one), val (unseen regions of the training photos), or auto (test if configured, else val).
     heldout_split: str = "auto"
     heldout_images: int = 64  # OfflineImagePool("test") images when only teachers are given
+    heldout_limit: int | None = None  # cap on the held-out images of the teacher MSE (None: the whole split)
     zero_shot: bool = True
     zero_shot_images: int | None = 256  # evenly spaced test images per set (teachers run on each)
     templates: tuple[str, ...] = (DEFAULT_TEMPLATE,)
@@ -568,10 +569,10 @@ class _TeacherSource:
 
 
 def _heldout_loader(
-    train_cfg: Any, teachers: _TeacherSource, batch_size: int, split: str = "auto"
+    train_cfg: Any, teachers: _TeacherSource, batch_size: int, split: str = "auto", limit: int | None = None
 ) -> tuple[str, DataLoader]:
-    """A held-out split of the run's data (``auto``: ``test`` if configured, else ``val``) with cached
-    teacher targets."""
+    """A held-out split of the run's data (``auto``: ``test`` if configured, else ``val``; its first
+    ``limit`` images if given) with cached teacher targets."""
     from phis.train import build_datamodule
 
     dm = build_datamodule(train_cfg)
@@ -581,7 +582,7 @@ def _heldout_loader(
         raise ValueError(f"eval.heldout_split={split!r}, but the run's data has only {sorted(dm.sets)}")
     for name, cache in dm.caches.get(split, {}).items():
         cache.ensure(lambda n=name: teachers(n), dm.cache_batch_size, dm.num_workers)  # built only if missing
-    return split, DataLoader(dm.dataset(split), batch_size=batch_size)
+    return split, DataLoader(dm.dataset(split, limit), batch_size=batch_size)
 
 
 @torch.no_grad()
@@ -763,7 +764,9 @@ def evaluate_module(
         if ecfg.teacher_mse:
             split = "given"
             if heldout is None and train_cfg is not None:
-                split, heldout = _heldout_loader(train_cfg, source, ecfg.batch_size, ecfg.heldout_split)
+                split, heldout = _heldout_loader(
+                    train_cfg, source, ecfg.batch_size, ecfg.heldout_split, ecfg.heldout_limit
+                )
             elif heldout is None and teachers:
                 from phis.data import OfflineImagePool
 

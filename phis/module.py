@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -41,6 +43,10 @@ NORMALIZER_FITS = ("cache", "schedule")
 RESAMPLE_TO = ("student", "teacher")
 RESAMPLE_MODES = ("bilinear", "bicubic", "nearest", "area")
 OPTIMIZERS = ("adamw", "lamb", "sgd")
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+COMPILE_TARGETS = ("teachers", "student")
+
+log = logging.getLogger(__name__)
 
 
 def resample_grid(y: Tensor, size: tuple[int, int], mode: str = "bilinear") -> Tensor:
@@ -143,10 +149,12 @@ class DistillModule(pl.LightningModule):
             raise RuntimeError("the batch carries no cached teacher outputs and no teachers are attached")
         out = {}
         for n, teacher in self._teachers.items():
-            o = teacher(batch["images"])
+            with torch.inference_mode():
+                o = teacher(batch["images"])
+            # Copies made outside inference mode: the loss may keep the targets for its backward pass.
             out[n] = (
-                None if o.summary is None else o.summary.float(),
-                o.features.float().permute(0, 2, 3, 1),
+                None if o.summary is None else o.summary.float().clone(),
+                o.features.float().permute(0, 2, 3, 1).clone(),
             )
         return out
 
@@ -237,6 +245,8 @@ class DistillModule(pl.LightningModule):
                 f"non-finite training loss ({float(logs['loss'])}) at step {int(self.global_step)}; "
                 f"per-teacher terms: {terms}. Stopping; the last good checkpoint is kept"
             )
+        if "skipped" in batch:  # shard samples that could not be decoded (phis.shards)
+            logs["skipped_samples"] = torch.tensor(float(batch["skipped"]))
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False)
         self.log("loss", logs["loss"], prog_bar=True, on_step=True, on_epoch=False, logger=False)
         return loss
@@ -259,8 +269,7 @@ class DistillModule(pl.LightningModule):
             )
         if not dm.cache_enabled and not self._teachers:
             self.attach_teachers(dm.teachers)
-        for teacher in self._teachers.values():
-            teacher.to(self.device)
+        self.prepare_teachers()
         if self.distill_cfg["normalizer_fit"] == "cache":
             if not dm.cache_enabled:
                 raise ValueError(
@@ -271,6 +280,35 @@ class DistillModule(pl.LightningModule):
             fitted = all(norm.fitted for norm in self.normalizers.values())
             if not fitted or int(self.stage_resolution) != resolution:
                 self.fit_normalizers(dm.caches["train"], resolution)
+
+    def prepare_teachers(self) -> None:
+        """Move the attached teachers to the device once: cast to ``distill.teacher_dtype`` and optionally
+        compile them and the student's blocks (``distill.compile``; CUDA only, the CPU keeps eager mode).
+
+        ``teacher_dtype``: ``auto`` (bfloat16 on CUDA, float32 elsewhere), ``bfloat16``, ``float16`` or
+        ``float32``. Targets are always returned in float32.
+        """
+        choice = self.distill_cfg.get("teacher_dtype", "auto")
+        _check_choice("distill.teacher_dtype", choice, TEACHER_DTYPES)
+        cuda = self.device.type == "cuda"
+        if choice == "auto":
+            dtype = torch.bfloat16 if cuda else torch.float32
+        else:
+            dtype = getattr(torch, choice)
+        compile_what = self.distill_cfg.get("compile") or []
+        compile_what = [compile_what] if isinstance(compile_what, str) else list(compile_what)
+        for what in compile_what:
+            _check_choice("distill.compile entry", what, COMPILE_TARGETS)
+        if compile_what and not cuda:
+            log.info("distill.compile=%s ignored: torch.compile is only used on CUDA", compile_what)
+        for teacher in self._teachers.values():
+            teacher.to(device=self.device, dtype=dtype)
+            if cuda and "teachers" in compile_what:
+                teacher.compile()
+        if cuda and "student" in compile_what and not getattr(self, "_student_compiled", False):
+            for block in self.student.trunk.blocks:
+                block.compile()
+            self._student_compiled = True
 
     @torch.no_grad()
     def fit_normalizers(
@@ -370,13 +408,16 @@ class DistillModule(pl.LightningModule):
         return folded
 
     @torch.no_grad()
-    def heldout_metrics(self, batches: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    def heldout_metrics(
+        self, batches: Iterable[Mapping[str, Any]], distributed: bool = False
+    ) -> dict[str, dict[str, Any]]:
         """Per teacher, on held-out batches: teacher-space MSE, target variance and the explained fraction.
 
         Errors are measured on the teacher's own grid against the raw targets; ``variance`` is the mean
         per-channel variance of the held-out targets (tr Σ / C), so ``explained = 1 − MSE / variance`` is
         0 for predicting the held-out mean itself. ``summary_cosine`` is the mean cosine similarity of
-        predicted and true summaries.
+        predicted and true summaries. With ``distributed`` every rank passes its share of the batches and
+        all ranks return the metrics of all of them (sums and moments all-reduced).
         """
         was_training = self.training
         self.eval()
@@ -404,6 +445,12 @@ class DistillModule(pl.LightningModule):
                     a["cos"] += float(cos.sum())
                     a["m"] += len(images)
         self.train(was_training)
+        if distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for a in acc.values():
+                a["moments"].all_reduce_()
+                sums = torch.tensor([a["sse"], a["cos"], a["m"]], dtype=torch.float64, device=self.device)
+                dist.all_reduce(sums)
+                a["sse"], a["cos"], a["m"] = float(sums[0]), float(sums[1]), int(sums[2])
         res = {}
         for n, a in acc.items():
             m = a["moments"]

@@ -19,6 +19,7 @@ import importlib
 import importlib.util
 import logging
 import math
+import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,18 +49,44 @@ log = logging.getLogger("phis.train")
 
 
 class LastCheckpoint(Callback):
-    """Rewrites ``last.ckpt`` atomically every n epochs and when training ends.
+    """Rewrites ``last.ckpt`` atomically every n epochs / n steps / m minutes, on a signal and at the end.
 
     The file is written beside the old one and renamed over it: a run killed at any moment leaves
     either the previous complete checkpoint or the new one. (The data order depends only on the global
-    step, see ``phis.data.StepBatchSampler``, so resuming from any step replays the same batches.)
+    step, see ``phis.data.StepBatchSampler`` and ``phis.shards.ShardStream``, so resuming from any step
+    replays the same batches.) Time and signal checkpoints are agreed on by all ranks at the end of a
+    step. ``signals`` (e.g. ``SIGUSR2``, which submitit sends before a SLURM time limit) mark the run:
+    at the end of the current step the checkpoint is written, then the signal goes on to the handler
+    that was installed before (submitit's, which requeues the job).
     """
 
-    def __init__(self, path: Path, every_n_epochs: int = 1) -> None:
+    def __init__(
+        self,
+        path: Path,
+        every_n_epochs: int = 1,
+        every_n_steps: int = 0,
+        every_n_minutes: float = 0.0,
+        signals: Sequence[str] = (),
+    ) -> None:
+        if every_n_epochs < 0 or every_n_steps < 0 or every_n_minutes < 0:
+            raise ValueError(
+                f"checkpoint intervals must be >= 0 (0: off), got every_n_epochs={every_n_epochs}, "
+                f"every_n_steps={every_n_steps}, every_n_minutes={every_n_minutes}"
+            )
+        valid = [n for n in dir(signal) if n.startswith("SIG") and not n.startswith("SIG_")]
+        bad = [n for n in signals if n not in valid]
+        if bad:
+            raise ValueError(f"unknown signal(s) {bad} in checkpoint.on_signal; e.g. SIGUSR2, SIGTERM")
         self.path, self.every_n_epochs = Path(path), every_n_epochs
+        self.every_n_steps, self.every_n_minutes = every_n_steps, every_n_minutes
+        self.signals = [getattr(signal, n) for n in signals]
         self._saved_step = -1
+        self._saved_at = time.monotonic()
+        self._received: int | None = None
+        self._previous: dict[int, Any] = {}
 
     def _save(self, trainer: pl.Trainer) -> None:
+        self._saved_at = time.monotonic()
         if trainer.global_step == self._saved_step:
             return
         tmp = self.path.with_name(f".{self.path.name}.tmp")
@@ -68,8 +95,53 @@ class LastCheckpoint(Callback):
             tmp.replace(self.path)
         self._saved_step = trainer.global_step
 
+    def _mark(self, signum: int, frame: Any) -> None:
+        log.warning("received %s: writing %s at the end of this step", signal.Signals(signum).name, self.path)
+        self._received = signum
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Installed after Lightning's own handlers: it restores every signal it saw at the start of fit.
+        self._saved_at = time.monotonic()
+        for sig in self.signals:
+            if sig not in self._previous:
+                self._previous[sig] = signal.signal(sig, self._mark)
+
+    def _restore_handlers(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_handlers()
+
+    def _pass_on(self, signum: int) -> None:
+        """Hand the signal to the handler that was there before ours (default action if there was none)."""
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        self._restore_handlers()
+        if callable(previous):
+            previous(signum, None)
+        elif previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signum)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        due = bool(self.every_n_steps) and trainer.global_step % self.every_n_steps == 0
+        if self.every_n_minutes or self.signals:
+            minutes = (time.monotonic() - self._saved_at) / 60
+            late = bool(self.every_n_minutes) and minutes >= self.every_n_minutes
+            # One rank's clock or signal decides for all: every rank must take part in the save.
+            due = trainer.strategy.reduce_boolean_decision(
+                due or late or self._received is not None, all=False
+            )
+        if due:
+            self._save(trainer)
+        if self._received is not None:
+            signum, self._received = self._received, None
+            self._pass_on(signum)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self._save(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -143,14 +215,25 @@ def check_resume(path: Path, module: DistillModule) -> None:
         )
 
 
-def heldout_results(module: DistillModule, dm: DistillDataModule, split: str) -> dict[str, dict[str, Any]]:
-    """Per teacher on a held-out split: teacher-space MSE, explained fraction, summary cosine.
+def heldout_results(
+    module: DistillModule,
+    dm: DistillDataModule,
+    split: str,
+    limit: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, dict[str, Any]]:
+    """Per teacher on a held-out split (its first ``limit`` images if given, spread over ``world_size``
+    ranks, every rank calling): teacher-space MSE, explained fraction, summary cosine.
 
-    With the cache, ``explained_train_mean`` adds the explained fraction of the trivial predictor that
-    outputs the training-set mean feature everywhere, the baseline a student has to beat.
+    With the cache and the whole split, ``explained_train_mean`` adds the explained fraction of the
+    trivial predictor that outputs the training-set mean feature everywhere, the baseline a student has
+    to beat.
     """
-    res = module.heldout_metrics(dm.heldout_dataloader(split))
-    if dm.cache_enabled:
+    loader = dm.heldout_dataloader(split, limit, rank, world_size)
+    res = module.heldout_metrics(loader, distributed=world_size > 1)
+    whole = limit is None or limit >= len(dm.sets[split])
+    if dm.cache_enabled and whole:
         for n, r in res.items():
             held, train = dm.caches[split][n].moments(), dm.caches["train"][n].moments()
             # Its MSE is Var_held + (μ_held − μ_train)², averaged over channels.
@@ -243,7 +326,14 @@ def _train(cfg: DictConfig, callbacks: Sequence[Callback], mirror: JobMirror) ->
         check_resume(resume, module)
         log.info("resuming from %s", resume)
 
-    checkpoint = LastCheckpoint(last, cfg.checkpoint.every_n_epochs)
+    ck = cfg.checkpoint
+    checkpoint = LastCheckpoint(
+        last,
+        ck.every_n_epochs,
+        ck.get("every_n_steps", 0),
+        ck.get("every_n_minutes", 0),
+        list(ck.get("on_signal") or []),
+    )
     if mirror.configured:
         logger = mirror.trainer_loggers()
     else:
@@ -262,14 +352,21 @@ def _train(cfg: DictConfig, callbacks: Sequence[Callback], mirror: JobMirror) ->
             atomic_write_json(out / RESULTS_FILE, {"status": "failed", "error": msg, "choices": _choices()})
         raise FloatingPointError(msg) from err
     fit_s = time.perf_counter() - fit_start
-    if not trainer.is_global_zero:
-        return {}
 
     eval_start = time.perf_counter()
-    heldout = {split: heldout_results(module, dm, split) for split in dm.sets if split != "train"}
+    # Lightning's teardown leaves the module on the CPU; the (unmoved) teachers are on the device.
+    module.to(trainer.strategy.root_device)
+    limit = cfg.eval.get("heldout_limit")  # images per split: the final evaluation stays bounded
+    ranks = {"rank": trainer.global_rank, "world_size": trainer.world_size}  # every rank takes a share
+    heldout = {
+        split: heldout_results(module, dm, split, limit, **ranks) for split in dm.sets if split != "train"
+    }
     # The same numbers on the training crops: far above the held-out ones means overfitting, close to
     # them and low means the student is still underfitting (train longer or wider).
-    train_fit = module.heldout_metrics(dm.heldout_dataloader("train"))
+    fit_loader = dm.heldout_dataloader("train", limit, **ranks)
+    train_fit = module.heldout_metrics(fit_loader, distributed=trainer.world_size > 1)
+    if not trainer.is_global_zero:
+        return {}
     stats = {n: c.activation_stats() for n, c in dm.caches["train"].items()} if dm.cache_enabled else None
     external = external_evaluation(module, cfg)
     steps = int(trainer.global_step)

@@ -52,6 +52,21 @@ _TINY_TEXT = {
 }
 
 
+# Hub configs of DINOv2 models, for random initialization without the hub (benchmarks).
+DINOV2_ARCHITECTURES: dict[str, dict] = {
+    "facebook/dinov2-with-registers-giant": {
+        "hidden_size": 1536,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 24,
+        "mlp_ratio": 4,
+        "use_swiglu_ffn": True,
+        "patch_size": 14,
+        "image_size": 518,
+        "num_register_tokens": 4,
+    },
+}
+
+
 def _load(cls, name: str, model: str, checkpoint: str | None):
     """from_pretrained from `checkpoint` (a local snapshot folder) or the hub id `model`, failing at once
     when offline and not cached."""
@@ -224,8 +239,16 @@ class HFDinov2Teacher(Teacher):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         tiny: bool = False,
+        random_init: bool = False,
     ) -> None:
-        if tiny:
+        if random_init:  # the real architecture, untrained: for benchmarks, nothing is downloaded
+            if model not in DINOV2_ARCHITECTURES:
+                raise ValueError(
+                    f"teacher '{name}': random_init knows the architectures {sorted(DINOV2_ARCHITECTURES)}, "
+                    f"not {model!r}"
+                )
+            net = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**DINOV2_ARCHITECTURES[model]))
+        elif tiny:
             cfg = Dinov2WithRegistersConfig(
                 hidden_size=48,
                 intermediate_size=96,

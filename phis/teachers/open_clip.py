@@ -82,12 +82,15 @@ class OpenClipTeacher(Teacher):
         feature_norm: bool = True,
         tokenizer: str | None = None,
         tiny: bool = False,
+        random_init: bool = False,
     ) -> None:
         use_tag = pretrained is not None and not tiny and ":" not in model
         tag_cfg = open_clip.get_pretrained_cfg(model, pretrained) if use_tag else {}
         if tiny:
             vision = {**TINY_VISION, "image_size": input_size or TINY_VISION["image_size"]}
             clip = open_clip.CLIP(TINY_EMBED_DIM, vision, TINY_TEXT, quick_gelu=True)
+        elif random_init:  # the real architecture, untrained: for benchmarks, nothing is downloaded
+            clip = open_clip.create_model(model, pretrained=None, force_image_size=input_size)
         else:
             weights = _resolve_weights(name, model, pretrained, checkpoint, tag_cfg)
             try:

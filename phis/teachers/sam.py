@@ -54,6 +54,7 @@ class SamTeacher(Teacher):
         image_size: int | None = None,
         use_neck: bool = False,
         tiny: bool = False,
+        random_init: bool = False,
     ) -> None:
         if tiny:
             dims = dict(TINY)
@@ -69,7 +70,7 @@ class SamTeacher(Teacher):
             raise ValueError(
                 f"teacher '{name}': SAM variant {variant!r}; choose one of {', '.join(VARIANTS)}"
             )
-        if not tiny and checkpoint is None:
+        if not tiny and not random_init and checkpoint is None:
             # SAM weights are not on the hub: there is nothing to download automatically.
             raise weights_unavailable(
                 name, f"sam_{variant}", "checkpoint", f"/path/to/{CHECKPOINTS[variant]}"
