@@ -302,11 +302,8 @@ def fit_sgd_batched(
                 )
             else:
                 dz = logit_grad(logits, targets, "gce" if has_gce else "ce", q_z, dim=3)
-            # grad = dzᵀ xb / B + λ W, the sum done by the matmul
-            grad = torch.baddbmm(
-                (lam_w * W).view(U, G * K, D), dz.view(U, B, G * K).transpose(1, 2), xb, alpha=1 / B
-            )
-            momentum_buf.mul_(momentum_w).add_(grad.view(U, G, K, D))
+            grad = torch.bmm(dz.view(U, B, G * K).transpose(1, 2), xb).view(U, G, K, D) / B + lam_w * W
+            momentum_buf.mul_(momentum_w).add_(grad)
             W.addcmul_(momentum_buf, neg_lr_w)
         lr *= lr_decay
         if Xe is not None:
