@@ -3,7 +3,8 @@
 ratio and a check that every model's accuracies match; optionally (``--solvers``) the closed form and
 the exact solver against SGD on the same kind of table.
 
-    python -m experiments.bench_selfdistill --out experiments/results/selfdistill [--threads 1] [--solvers]
+    python -m experiments.bench_selfdistill --out experiments/results/selfdistill [--batched-threads 1,2]
+    python -m experiments.bench_selfdistill --render   # bench.md again, e.g. after a new mini study
 
 Writes bench.json and bench.md (atomically; a part not run this time keeps its last results), with
 the load average of the machine around each timing, and the mini study's wall time (its timings.json).
@@ -298,10 +299,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--seeds", type=int, default=1, help="--solvers: seeds per η (each η × seed is a cell)"
     )
     parser.add_argument("--skip-digits", action="store_true", help="--solvers: block model only")
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="only rewrite bench.md from bench.json and the mini study's timings",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     previous = json.loads((out / "bench.json").read_text()) if (out / "bench.json").is_file() else {}
+    if args.render:
+        return write_report(out, previous["batched"], previous.get("tables", []))
     seeds = list(range(args.seeds))
     with threadpool_limits(args.threads):
         digits = load_features(DIGITS, args.cache_dir)
@@ -314,10 +322,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.skip_digits:
                 results.append(bench_table(digits, DIGITS_LAM, DIGITS_LR, seeds, 5, closed=False))
                 print(json.dumps(results[-1], indent=1), flush=True)
+    return write_report(out, batched, results)
+
+
+def write_report(out: Path, batched: dict, tables: list[dict]) -> int:
+    """bench.json and bench.md, with the mini study's wall time from its timings.json."""
     timings = out / "timings.json"
     mini = json.loads(timings.read_text()) if timings.is_file() else None
-    atomic_write_json(out / "bench.json", {"batched": batched, "tables": results, "mini": mini})
-    text = report_batched(batched) + "\n" + report(results, mini)
+    atomic_write_json(out / "bench.json", {"batched": batched, "tables": tables, "mini": mini})
+    text = report_batched(batched) + "\n" + report(tables, mini)
     atomic_write_text(out / "bench.md", text)
     print(text)
     return 0

@@ -288,7 +288,7 @@ def run_jobs_batched(jobs: Sequence[tuple[Mapping[str, Any], Path]], device: str
         first = group[0][0]
         feats = load_features(first["sd"]["features"], first["cache_dir"])
         labels = [_given_labels(cfg, feats) for cfg, _ in group]
-        log.info("training %d jobs' probes together: %s", len(group), ", ".join(str(d) for _, d in group))
+        log.info("training the probes of %d jobs under %s together", len(group), group[0][1].parent)
         runs = self_distill_batched(
             feats.X_train,
             [lab["y_given"] for lab in labels],
