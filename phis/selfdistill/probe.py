@@ -249,21 +249,16 @@ def fit_sgd_batched(
     for u, ((seed, draw_init), members) in enumerate(groups.items()):
         gen = torch.Generator().manual_seed(seed)
         if draw_init:  # nn.Linear's default, as in fit_sgd
-            W[u, : len(members)] = (torch.rand(K, D, generator=gen, dtype=torch.float32) * 2 - 1) / math.sqrt(
-                D
-            )
+            init = torch.rand(K, D, generator=gen, dtype=torch.float32)
+            W[u, : len(members)] = (init * 2 - 1) / math.sqrt(D)
         for epoch in range(epochs):
             perms[u, epoch] = torch.randperm(N, generator=gen)
         for g, i in enumerate(members):
-            task = tasks[i]
+            task, recipe = tasks[i], tasks[i].recipe
             if not draw_init:
                 W[u, g] = torch.as_tensor(task.W0, dtype=torch.float32)
             T[u, :, g] = torch.as_tensor(task.targets, dtype=torch.float32)
-            lr[u, g], lr_decay[u, g], momentum[u, g] = (
-                task.recipe.lr,
-                task.recipe.lr_decay,
-                task.recipe.momentum,
-            )
+            lr[u, g], lr_decay[u, g], momentum[u, g] = recipe.lr, recipe.lr_decay, recipe.momentum
             lam[u, g], q[u, g], gce[u, g] = task.lam, task.q, task.loss == "gce"
 
     device = torch.device(device or "cpu")
@@ -276,12 +271,9 @@ def fit_sgd_batched(
     lam_w, momentum_w = per_probe(lam, (U, G, 1, 1)), per_probe(momentum, (U, G, 1, 1))
     q_z, gce_z = per_probe(q, (U, 1, G, 1)), torch.as_tensor(gce).to(device).view(U, 1, G, 1)
     has_gce, has_ce = bool(gce.any()), bool((~gce).any())
-    Xe = (
-        None
-        if X_eval is None or len(y_eval) == 0
-        else torch.as_tensor(X_eval, dtype=torch.float32).to(device)
-    )
-    ye = None if Xe is None else torch.as_tensor(y_eval).to(device)
+    Xe, ye = None, None
+    if X_eval is not None and len(y_eval) > 0:
+        Xe, ye = torch.as_tensor(X_eval, dtype=torch.float32).to(device), torch.as_tensor(y_eval).to(device)
     curve = torch.full((U, G, epochs), math.nan, dtype=torch.float64, device=device)
     first_row = torch.arange(U, device=device)[:, None] * N  # of each group's targets in T.view(U·N, G·K)
     Tf, Wf = T.view(U * N, G * K), W.view(U, G * K, D)
