@@ -1,19 +1,24 @@
-"""Benchmark: the closed form and the exact solver against the paper's 200-epoch SGD recipe, on the same
-tables (block model: all three; EfficientNet digits features: exact vs SGD), in one run, one thread.
+"""Benchmark of the SD-PLL probes, in one run: a full digits table (8 η × 3 seeds × teacher + 4 students
++ PLL, the paper's SGD recipe) trained one probe at a time and as batches of probes, with the time
+ratio and a check that every model's accuracies match; optionally (``--solvers``) the closed form and
+the exact solver against SGD on the same kind of table.
 
-    python -m experiments.bench_selfdistill --out experiments/results/selfdistill
+    python -m experiments.bench_selfdistill --out experiments/results/selfdistill [--batched-threads 1,2]
+    python -m experiments.bench_selfdistill --render   # bench.md again, e.g. after a new mini study
 
-Reports per table: seconds per method, the time ratio, the mean |Δ accuracy| between methods and how
-often they predict the same training label; and the mini study's wall time (from its timings.json).
+Writes bench.json and bench.md (atomically; a part not run this time keeps its last results), with
+the load average of the machine around each timing, and the mini study's wall time (its timings.json).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +29,15 @@ from phis.results import atomic_write_json, atomic_write_text, markdown_table
 from phis.selfdistill import theory
 from phis.selfdistill.corruption import corrupt_labels, corruption_matrix
 from phis.selfdistill.features import FeatureSet, block_feature_set, load_features
-from phis.selfdistill.probe import SGDRecipe, fit_probe, one_hot, softmax
+from phis.selfdistill.probe import (
+    SDRun,
+    SGDRecipe,
+    fit_probe,
+    one_hot,
+    self_distill,
+    self_distill_batched,
+    softmax,
+)
 
 ETAS = (0.0, 0.1, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
 BLOCK = {"kind": "block", "name": "block", "K": 10, "n": 50, "c": 0.4, "d": 0.1, "n_test": 20}
@@ -32,6 +45,9 @@ BLOCK = {"kind": "block", "name": "block", "K": 10, "n": 50, "c": 0.4, "d": 0.1,
 # about the squared feature norm of real features (~250), else 200 epochs stop far from the optimum.
 BLOCK_LR, DIGITS_LR = 20.0, 0.05
 DIGITS = {"kind": "efficientnet", "name": "digits", "dataset": "digits", "variant": 0, "size": 224}
+# the digits table of conf/sd_experiment/digits_table.yaml: λ (sd/lam=wd5e-4), seeds, PLL loss
+DIGITS_LAM, TABLE_SEEDS, TABLE_PLL = 5e-4, (0, 1, 2), ("gce",)
+REPORT_FIELDS = ("test_acc_last", "test_acc_best", "train_acc_true", "train_acc_given", "train_tied")
 
 
 def _rounds(feats: FeatureSet, y_given: np.ndarray, lam: float, rounds: int, solver: str, lr: float) -> tuple:
@@ -101,7 +117,140 @@ def bench_table(
     }
 
 
+def bench_batched(feats: FeatureSet, threads: int, batched_threads: Sequence[int], rounds: int = 5) -> dict:
+    """A full table trained one probe at a time (``self_distill`` per cell, ``threads`` threads) and as
+    batches of probes (``self_distill_batched``: each round's probes of all cells together, once per
+    entry of ``batched_threads``); seconds, speed-ups, agreement of every model's accuracies."""
+    cells = [(eta, seed) for eta in ETAS for seed in TABLE_SEEDS]
+    given = [
+        corrupt_labels(feats.y_train, corruption_matrix("sym", feats.num_classes, eta), seed)
+        for eta, seed in cells
+    ]
+    settings = {
+        "rounds": rounds,
+        "solver": "sgd",
+        "recipe": SGDRecipe(lr=DIGITS_LR),
+        "pll_losses": TABLE_PLL,
+        "keep_outputs": True,
+    }
+    args = (feats.y_train, feats.X_test, feats.y_test, DIGITS_LAM, feats.num_classes)
+    with _threads(threads):
+        load_before = os.getloadavg()
+        t0 = time.perf_counter()
+        alone = [
+            self_distill(feats.X_train, y, *args, seed=seed, **settings) for y, (_, seed) in zip(given, cells)
+        ]
+        one_by_one = {
+            "threads": threads,
+            "seconds": time.perf_counter() - t0,
+            "loadavg": [load_before, os.getloadavg()],
+        }
+    batched = []
+    for n in batched_threads:
+        with _threads(n):
+            load_before = os.getloadavg()
+            t0 = time.perf_counter()
+            runs = self_distill_batched(feats.X_train, given, *args, seeds=[s for _, s in cells], **settings)
+            seconds = time.perf_counter() - t0
+            batched.append(
+                {
+                    "threads": n,
+                    "seconds": seconds,
+                    "speedup": one_by_one["seconds"] / seconds,
+                    "loadavg": [load_before, os.getloadavg()],
+                    **agreement(alone, runs),
+                }
+            )
+    return {
+        "features": feats.name,
+        "N": len(feats.y_train),
+        "D": feats.X_train.shape[1],
+        "lam": DIGITS_LAM,
+        "sgd_lr": DIGITS_LR,
+        "cells": len(cells),
+        "models": sum(len(run.reports) for run in alone),
+        "one_by_one": one_by_one,
+        "batched": batched,
+    }
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """``n`` torch and BLAS threads inside the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(n):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def agreement(alone: Sequence[SDRun], batched: Sequence[SDRun]) -> dict:
+    """How many model reports differ between the two ways, and by how much (accuracies, outputs)."""
+    fields = [
+        (a, b, f)
+        for ra, rb in zip(alone, batched)
+        for a, b in zip(ra.reports, rb.reports)
+        for f in REPORT_FIELDS
+    ]
+    outputs = [
+        np.abs(ra.outputs[k] - rb.outputs[k]).max() for ra, rb in zip(alone, batched) for k in ra.outputs
+    ]
+    return {
+        "accuracy_values_compared": len(fields),
+        "accuracy_values_different": sum(getattr(a, f) != getattr(b, f) for a, b, f in fields),
+        "max_abs_accuracy_diff": max(abs(getattr(a, f) - getattr(b, f)) for a, b, f in fields),
+        "max_abs_softmax_output_diff": float(max(outputs)),
+    }
+
+
+def report_batched(r: dict) -> str:
+    """The markdown section of ``bench_batched``: one row per thread count of the batched run."""
+
+    def load(pair: list) -> str:
+        return " → ".join(f"{x[0]:.2f}" for x in pair)
+
+    alone = r["one_by_one"]
+    header = [
+        "features",
+        "N×D",
+        "λ",
+        "(η, seed) cells",
+        "models",
+        "one by one: threads",
+        "s",
+        "load avg (1 min)",
+    ]
+    header += [
+        "batched: threads",
+        "s",
+        "load avg (1 min)",
+        "speed-up",
+        "accuracies equal",
+        "max abs Δ softmax output",
+    ]
+    rows = []
+    for b in r["batched"]:
+        row = [r["features"], f"{r['N']}×{r['D']}", f"{r['lam']:g}", r["cells"], r["models"]]
+        row += [alone["threads"], f"{alone['seconds']:.1f}", load(alone["loadavg"])]
+        row += [b["threads"], f"{b['seconds']:.1f}", load(b["loadavg"]), f"{b['speedup']:.2f}×"]
+        equal = b["accuracy_values_compared"] - b["accuracy_values_different"]
+        row += [f"{equal} / {b['accuracy_values_compared']}", f"{b['max_abs_softmax_output_diff']:.1e}"]
+        rows.append(row)
+    text = "### A full SD table, one probe at a time vs batched probes (paper's SGD recipe)\n\n"
+    text += markdown_table(header, rows)
+    text += (
+        "\nTeacher + 4 students + PLL (GCE) per (η, seed); η ∈ {" + ", ".join(f"{e:g}" for e in ETAS) + "}, "
+        f"seeds {list(TABLE_SEEDS)}. Accuracies compared: test (last epoch, best over epochs) and training "
+        "(true labels, given labels, ties) of every model. Load average: 1-minute value before → after "
+        f"each timing on this {os.cpu_count()}-core machine; above {os.cpu_count()} it was shared.\n"
+    )
+    return text
+
+
 def report(results: list[dict], mini: dict | None) -> str:
+    """The markdown section of ``bench_table`` (every table) and the mini study's wall time."""
     rows = []
     for r in results:
         s = r["seconds"]
@@ -137,24 +286,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="experiments/results/selfdistill")
     parser.add_argument("--cache-dir", default=".cache/selfdistill")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds per η (each η × seed is one table cell)")
-    parser.add_argument("--skip-digits", action="store_true", help="block model only (no feature extraction)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch and BLAS threads of the one-by-one runs"
+    )
+    parser.add_argument(
+        "--batched-threads", default="1,2", help="thread counts to time the batched probes at"
+    )
+    parser.add_argument(
+        "--solvers", action="store_true", help="also compare closed form / exact solver / SGD"
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="--solvers: seeds per η (each η × seed is a cell)"
+    )
+    parser.add_argument("--skip-digits", action="store_true", help="--solvers: block model only")
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="only rewrite bench.md from bench.json and the mini study's timings",
+    )
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    seeds = list(range(args.seeds))
-    results = []
-    with threadpool_limits(1):
-        results.append(bench_table(block_feature_set(BLOCK), 1e-4, BLOCK_LR, seeds, 5, closed=True))
-        print(json.dumps(results[-1], indent=1), flush=True)
-        if not args.skip_digits:
-            digits = load_features(DIGITS, args.cache_dir)
-            results.append(bench_table(digits, 5e-4, DIGITS_LR, seeds, 5, closed=False))
-            print(json.dumps(results[-1], indent=1), flush=True)
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
+    previous = json.loads((out / "bench.json").read_text()) if (out / "bench.json").is_file() else {}
+    if args.render:
+        return write_report(out, previous["batched"], previous.get("tables", []))
+    seeds = list(range(args.seeds))
+    with threadpool_limits(args.threads):
+        digits = load_features(DIGITS, args.cache_dir)
+        batched = bench_batched(digits, args.threads, [int(n) for n in args.batched_threads.split(",")])
+        print(json.dumps(batched, indent=1), flush=True)
+        results = previous.get("tables", [])
+        if args.solvers:
+            results = [bench_table(block_feature_set(BLOCK), 1e-4, BLOCK_LR, seeds, 5, closed=True)]
+            print(json.dumps(results[-1], indent=1), flush=True)
+            if not args.skip_digits:
+                results.append(bench_table(digits, DIGITS_LAM, DIGITS_LR, seeds, 5, closed=False))
+                print(json.dumps(results[-1], indent=1), flush=True)
+    return write_report(out, batched, results)
+
+
+def write_report(out: Path, batched: dict, tables: list[dict]) -> int:
+    """bench.json and bench.md, with the mini study's wall time from its timings.json."""
     timings = out / "timings.json"
     mini = json.loads(timings.read_text()) if timings.is_file() else None
-    atomic_write_json(out / "bench.json", {"tables": results, "mini": mini})
-    text = report(results, mini)
+    atomic_write_json(out / "bench.json", {"batched": batched, "tables": tables, "mini": mini})
+    text = report_batched(batched) + "\n" + report(tables, mini)
     atomic_write_text(out / "bench.md", text)
     print(text)
     return 0

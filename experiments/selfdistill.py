@@ -3,8 +3,9 @@
     python -m experiments.selfdistill run --profile mini --out experiments/results/selfdistill
     python -m experiments.selfdistill aggregate <sweep_dir> <out_dir>
 
-``run`` launches every experiment's Hydra multirun (``python -m phis.selfdistill.run -m
-sd_experiment=<name> hydra.sweep.dir=<sweeps>/<name>``), a few side by side, then aggregates. Sweep
+``run`` launches every experiment's sweep (``python -m phis.selfdistill.sweep sd_experiment=<name>
+hydra.sweep.dir=<sweeps>/<name>``: the SGD jobs of a table trained as batches of probes, then the Hydra
+multirun, which skips them and runs the rest), a few side by side, then aggregates. Sweep
 directories are deterministic (``multirun/selfdistill/<profile>`` unless ``--sweeps`` says otherwise),
 so a re-run skips finished jobs and retries failed ones. ``aggregate`` turns whatever finished under
 a sweep directory into tables (markdown + CSV: rows Teacher, 2..5, PLL × η columns, mean ± std over
@@ -262,7 +263,7 @@ def run_study(
     while queue or running:
         while queue and len(running) < lanes:
             name = queue.pop(0)
-            cmd = [sys.executable, "-m", "phis.selfdistill.run", "-m", f"sd_experiment={name}"]
+            cmd = [sys.executable, "-m", "phis.selfdistill.sweep", f"sd_experiment={name}"]
             cmd += [f"hydra.sweep.dir={sweeps / name}", f"tables_dir={out}", *PROFILES[profile][name]]
             log = open(sweeps / f"{name}.log", "w")  # closed when the process ends
             print(f"[sd] start {name}: {' '.join(cmd[1:])}", flush=True)

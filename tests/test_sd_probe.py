@@ -14,14 +14,18 @@ from phis.selfdistill import theory
 from phis.selfdistill.blockmodel import block_features
 from phis.selfdistill.corruption import corrupt_labels, corruption_matrix
 from phis.selfdistill.probe import (
+    PLL_ROWS,
+    ProbeTask,
     SGDRecipe,
     accuracy,
     fit_gce_full_batch,
     fit_probe,
     fit_sgd,
+    fit_sgd_batched,
     objective,
     one_hot,
     self_distill,
+    self_distill_batched,
     tie_fraction,
     two_hot,
 )
@@ -114,6 +118,80 @@ def test_fit_probe_rejects_unknown_choices() -> None:
         fit_probe(X, one_hot(y, 3), 1e-2, "exact", loss="mae")
     with pytest.raises(ValueError, match="needs an initialization"):
         fit_probe(X, one_hot(y, 3), 1e-2, "exact", loss="gce")
+
+
+def test_batched_sgd_equals_one_probe_at_a_time() -> None:
+    """Probes with their own targets, losses, weight decays, schedules, inits and seeds (some seeds
+    shared, so groups of unequal size get padded) end where ``fit_sgd`` alone ends each of them."""
+    X, y = _mixture(N=90)
+    Xe, ye = _mixture(N=40, seed=1)
+    rng = np.random.default_rng(3)
+    base = SGDRecipe(epochs=6, batch_size=16, lr=0.05)
+    slow = SGDRecipe(epochs=6, batch_size=16, lr=0.02, momentum=0.5, lr_decay=0.9)
+    W0 = rng.normal(size=(3, X.shape[1])) * 0.1
+    tasks = [
+        ProbeTask(one_hot(y, 3), 1e-2, base, seed=7),
+        ProbeTask(rng.dirichlet(np.ones(3), size=90), 1e-3, base, seed=7),
+        ProbeTask(two_hot(rng.dirichlet(np.ones(3), size=90)), 1e-2, slow, loss="gce", q=0.7, seed=7),
+        ProbeTask(two_hot(rng.dirichlet(np.ones(3), size=90)), 1e-2, base, loss="gce", q=0.5, W0=W0, seed=7),
+        ProbeTask(one_hot(y, 3), 5e-2, slow, loss="ce", W0=W0, seed=7),
+        ProbeTask(one_hot(rng.integers(0, 3, 90), 3), 0.0, base, seed=8),
+    ]
+    batched = fit_sgd_batched(X, tasks, X_eval=Xe, y_eval=ye)
+    for task, fit in zip(tasks, batched):
+        alone = fit_sgd(
+            X,
+            task.targets,
+            task.lam,
+            task.recipe,
+            loss=task.loss,
+            q=task.q,
+            W0=task.W0,
+            seed=task.seed,
+            X_eval=Xe,
+            y_eval=ye,
+        )
+        np.testing.assert_allclose(fit.W, alone.W, rtol=1e-5, atol=1e-6 * np.abs(alone.W).max())
+        np.testing.assert_array_equal(fit.test_acc_per_epoch, alone.test_acc_per_epoch)
+        assert accuracy(X, fit.W, y) == accuracy(X, alone.W, y)
+    # the probes did train apart: different settings give different weights
+    assert min(np.abs(a.W - b.W).max() for a, b in zip(batched, batched[1:])) > 1e-3
+    assert fit_sgd_batched(X, []) == []
+
+
+def test_batched_sgd_needs_one_minibatch_grid() -> None:
+    X, y = _mixture(N=30)
+    tasks = [ProbeTask(one_hot(y, 3), 1e-2, SGDRecipe(epochs=e, batch_size=8)) for e in (2, 3)]
+    with pytest.raises(ValueError, match=r"same epochs and batch_size.*\(2, 8\), \(3, 8\)"):
+        fit_sgd_batched(X, tasks)
+    with pytest.raises(ValueError, match=r"unknown probe loss 'mae'"):
+        fit_sgd_batched(X, [ProbeTask(one_hot(y, 3), 1e-2, loss="mae")])
+
+
+@pytest.mark.parametrize("solver, pll", [("sgd", ("gce", "ce")), ("exact", ("ce",))])
+def test_self_distill_batched_equals_the_runs_one_by_one(solver: str, pll: tuple[str, ...]) -> None:
+    """Many label sets (η, seed cells) at once: every model's report equals its run alone."""
+    X, y = _mixture(N=80)
+    Xe, ye = _mixture(N=30, seed=1)
+    cells = [(eta, seed) for eta in (0.0, 0.4) for seed in (0, 1)]
+    given = [corrupt_labels(y, corruption_matrix("sym", 3, eta), seed) for eta, seed in cells]
+    kwargs = dict(rounds=3, solver=solver, recipe=SGDRecipe(epochs=5, batch_size=16, lr=0.05), pll_losses=pll)
+    runs = self_distill_batched(X, given, y, Xe, ye, 1e-2, 3, seeds=[s for _, s in cells], **kwargs)
+    for (_, seed), y_given, run in zip(cells, given, runs):
+        alone = self_distill(X, y_given, y, Xe, ye, 1e-2, 3, seed=seed, **kwargs)
+        assert [r.name for r in run.reports] == ["Teacher", "2", "3", *(PLL_ROWS[loss] for loss in pll)]
+        for got, want in zip(run.reports, alone.reports):
+            for field in (
+                "test_acc_last",
+                "test_acc_best",
+                "train_acc_true",
+                "train_acc_given",
+                "train_tied",
+            ):
+                assert getattr(got, field) == getattr(want, field), (got.name, field)
+    assert runs[0].reports[0].train_acc_given != runs[2].reports[0].train_acc_given  # the cells differ
+    with pytest.raises(ValueError, match="one seed per label set: got 4 label sets and 1 seeds"):
+        self_distill_batched(X, given, y, Xe, ye, 1e-2, 3, seeds=[0], **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- PLL

@@ -89,6 +89,39 @@ def test_cli_multirun_aggregates_and_reruns_skip_finished_jobs(tmp_path: Path) -
     assert len(rows) == 8 and all(cell for row in rows for cell in row)
 
 
+@pytest.mark.slow
+def test_batched_sweep_fills_the_multiruns_jobs_with_the_same_results(tmp_path: Path) -> None:
+    """``phis.selfdistill.sweep``: an SGD table's jobs trained as batches of probes land in the
+    directories of the multirun's jobs, with the configs those jobs see (so the multirun run after it
+    skips every one), and report what the multirun alone reports, up to float32 round-off."""
+    sgd = ["sd/solver=sgd", "sd.solver.epochs=3", "sd.solver.batch_size=16", "sd/pll=both", *TINY]
+    plain, batched = tmp_path / "plain", tmp_path / "batched"
+    alone = _cli("-m", "sd_experiment=block_table", f"hydra.sweep.dir={plain}", *sgd, cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = ["sd_experiment=block_table", f"hydra.sweep.dir={batched}", *sgd]
+    run = subprocess.run(
+        [sys.executable, "-m", "phis.selfdistill.sweep", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    jobs = _job_dirs(batched)
+    names = [j.relative_to(batched) for j in jobs]
+    assert names == [j.relative_to(plain) for j in _job_dirs(plain)] and len(names) == 4
+    assert all("already finished" in (j / "run.log").read_text() for j in jobs)
+    for name in names:
+        got, want = (json.loads((root / name / "results.json").read_text()) for root in (batched, plain))
+        assert got["config"] == want["config"]
+        assert [m["name"] for m in got["models"]] == ["Teacher", "2", "3", "4", "5", "PLL", "PLL-CE"]
+        for m, w in zip(got["models"], want["models"]):
+            for key in ("test_acc_last", "test_acc_best", "train_acc_true", "train_acc_given", "train_tied"):
+                assert m[key] == w[key], (name, m["name"], key)
+        assert got["C_realized"] == want["C_realized"] and got["theory"] == want["theory"]
+
+
 def test_a_failing_job_records_failure_and_the_sweep_reports_it(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     bad = _cli("-m", f"hydra.sweep.dir={sweep}", "sd.features.n=4", "sd.lam=0.001,-1.0", cwd=tmp_path)

@@ -8,16 +8,22 @@ A probe W [K, D] maps features X [N, D] to logits X Wᵀ and is fit to minimize
   weight decay = λ) in float32, minibatches sliced from one shuffled tensor per epoch, with analytic
   gradients (the update equals ``torch.optim.SGD`` with the same settings).
 
+``fit_sgd_batched`` trains M such probes on one shared X as one stacked problem (weights [M, K, D], one
+batched matmul per step), each with its own targets, seed, loss, schedule and weight decay; every probe
+ends where ``fit_sgd`` alone would, up to float32 round-off. Probes with the same seed draw the same
+minibatch order, so each order is gathered once and its probes share the matmul.
+
 ``self_distill`` runs a teacher on the given labels, then students that each start from scratch on
 the previous round's training-set softmax outputs (temperature 1), and optionally the PLL student:
-top-2 classes of the teacher's softmax, ½ each, initialized from the teacher.
+top-2 classes of the teacher's softmax, ½ each, initialized from the teacher. ``self_distill_batched``
+does the same for many label sets at once, training each round's probes of all of them together.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -118,17 +124,19 @@ def _top_set(Z: np.ndarray) -> np.ndarray:
     return Z >= zmax - TIE_RTOL * (zmax - Z.min(axis=1, keepdims=True))
 
 
-def logit_grad(logits: torch.Tensor, targets: torch.Tensor, loss: str, q: float) -> torch.Tensor:
-    """d loss / d logits [B, K] per sample for soft targets [B, K].
+def logit_grad(
+    logits: torch.Tensor, targets: torch.Tensor, loss: str, q: float | torch.Tensor, dim: int = 1
+) -> torch.Tensor:
+    """d loss / d logits per sample for soft targets (classes along ``dim``; [B, K] by default).
 
     ce: Σ_k −t_k log p_k → p − t. gce: Σ_k t_k (1 − p_k^q)/q → with a_k = t_k p_k^q, p Σ_k a_k − a
     (from ∂p_k/∂z_j = p_k (δ_kj − p_j)).
     """
-    p = torch.softmax(logits, dim=1)
+    p = torch.softmax(logits, dim=dim)
     if loss == "ce":
         return p - targets
     a = targets * p.pow(q)
-    return p * a.sum(1, keepdim=True) - a
+    return p * a.sum(dim, keepdim=True) - a
 
 
 def objective(
@@ -186,6 +194,116 @@ def fit_sgd(
         if Xe is not None:
             curve[epoch] = ((Xe @ W.T).argmax(1) == ye).double().mean().item()
     return ProbeFit(W.double().numpy(), curve if Xe is not None else None)
+
+
+@dataclass(frozen=True)
+class ProbeTask:
+    """One probe of a batched fit: what ``fit_probe`` takes besides the shared features."""
+
+    targets: np.ndarray  # [N, K]
+    lam: float
+    recipe: SGDRecipe = SGDRecipe()
+    loss: str = "ce"
+    q: float = 0.7
+    W0: np.ndarray | None = None
+    seed: int = 0
+
+
+def fit_sgd_batched(
+    X: np.ndarray,
+    tasks: Sequence[ProbeTask],
+    *,
+    X_eval: np.ndarray | None = None,
+    y_eval: np.ndarray | None = None,
+    device: str | torch.device | None = None,
+) -> list[ProbeFit]:
+    """``fit_sgd`` of every task on the shared X [N, D], trained together; fits in task order.
+
+    Tasks with the same seed (and the same choice of drawing their init) see the same minibatches, as
+    they would alone. These U groups are padded to a common size G with idle probes (learning rate 0),
+    so a step is one gather X[idx] [U, B, D] and one batched matmul each way over [U, B, G·K] logits.
+    """
+    if not tasks:
+        return []
+    for task in tasks:
+        _check_loss(task.loss)
+    grids = {(t.recipe.epochs, t.recipe.batch_size) for t in tasks}
+    if len(grids) > 1:
+        raise ValueError(
+            "batched probes share one minibatch grid: their recipes need the same epochs and batch_size, "
+            f"got (epochs, batch_size) in {sorted(grids)}"
+        )
+    epochs, batch_size = grids.pop()
+    N, D = X.shape
+    K = tasks[0].targets.shape[1]
+    groups: dict[tuple[int, bool], list[int]] = {}
+    for i, task in enumerate(tasks):
+        groups.setdefault((task.seed, task.W0 is None), []).append(i)
+    U, G = len(groups), max(len(members) for members in groups.values())
+    W = torch.zeros(U, G, K, D, dtype=torch.float32)
+    T = torch.zeros(U, N, G, K, dtype=torch.float32)
+    perms = torch.empty(U, epochs, N, dtype=torch.int64)
+    # per probe [U, G]: float64 like the Python floats of fit_sgd, cast to float32 where used
+    lr, lr_decay, momentum, lam, q = (np.zeros((U, G)) for _ in range(5))
+    gce = np.zeros((U, G), dtype=bool)
+    for u, ((seed, draw_init), members) in enumerate(groups.items()):
+        gen = torch.Generator().manual_seed(seed)
+        if draw_init:  # nn.Linear's default, as in fit_sgd
+            init = torch.rand(K, D, generator=gen, dtype=torch.float32)
+            W[u, : len(members)] = (init * 2 - 1) / math.sqrt(D)
+        for epoch in range(epochs):
+            perms[u, epoch] = torch.randperm(N, generator=gen)
+        for g, i in enumerate(members):
+            task, recipe = tasks[i], tasks[i].recipe
+            if not draw_init:
+                W[u, g] = torch.as_tensor(task.W0, dtype=torch.float32)
+            T[u, :, g] = torch.as_tensor(task.targets, dtype=torch.float32)
+            lr[u, g], lr_decay[u, g], momentum[u, g] = recipe.lr, recipe.lr_decay, recipe.momentum
+            lam[u, g], q[u, g], gce[u, g] = task.lam, task.q, task.loss == "gce"
+
+    device = torch.device(device or "cpu")
+    W, T, perms = W.to(device), T.to(device), perms.to(device)
+    Xt = torch.as_tensor(X, dtype=torch.float32).to(device)
+
+    def per_probe(values: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.as_tensor(values, dtype=torch.float32).to(device).view(shape)
+
+    lam_w, momentum_w = per_probe(lam, (U, G, 1, 1)), per_probe(momentum, (U, G, 1, 1))
+    q_z, gce_z = per_probe(q, (U, 1, G, 1)), torch.as_tensor(gce).to(device).view(U, 1, G, 1)
+    has_gce, has_ce = bool(gce.any()), bool((~gce).any())
+    Xe, ye = None, None
+    if X_eval is not None and len(y_eval) > 0:
+        Xe, ye = torch.as_tensor(X_eval, dtype=torch.float32).to(device), torch.as_tensor(y_eval).to(device)
+    curve = torch.full((U, G, epochs), math.nan, dtype=torch.float64, device=device)
+    first_row = torch.arange(U, device=device)[:, None] * N  # of each group's targets in T.view(U·N, G·K)
+    Tf, Wf = T.view(U * N, G * K), W.view(U, G * K, D)
+    momentum_buf = torch.zeros_like(W)
+    for epoch in range(epochs):
+        neg_lr_w = per_probe(-lr, (U, G, 1, 1))
+        for start in range(0, N, batch_size):
+            idx = perms[:, epoch, start : start + batch_size]  # [U, B]
+            B = idx.shape[1]
+            xb = Xt.index_select(0, idx.reshape(-1)).view(U, B, D)
+            targets = Tf.index_select(0, (idx + first_row).reshape(-1)).view(U, B, G, K)
+            logits = torch.bmm(xb, Wf.transpose(1, 2)).view(U, B, G, K)
+            if has_gce and has_ce:
+                dz = torch.where(
+                    gce_z,
+                    logit_grad(logits, targets, "gce", q_z, dim=3),
+                    logit_grad(logits, targets, "ce", 0.0, dim=3),
+                )
+            else:
+                dz = logit_grad(logits, targets, "gce" if has_gce else "ce", q_z, dim=3)
+            grad = torch.bmm(dz.view(U, B, G * K).transpose(1, 2), xb).view(U, G, K, D) / B + lam_w * W
+            momentum_buf.mul_(momentum_w).add_(grad)
+            W.addcmul_(momentum_buf, neg_lr_w)
+        lr *= lr_decay
+        if Xe is not None:
+            pred = (Xe @ W.view(U * G * K, D).T).view(-1, U, G, K).argmax(3)  # [Ne, U, G]
+            curve[:, :, epoch] = (pred == ye[:, None, None]).double().mean(0)
+    W64, curve = W.double().cpu().numpy(), curve.cpu().numpy()
+    slot = {i: (u, g) for u, members in enumerate(groups.values()) for g, i in enumerate(members)}
+    return [ProbeFit(W64[slot[i]], curve[slot[i]] if Xe is not None else None) for i in range(len(tasks))]
 
 
 def fit_gce_full_batch(
@@ -270,66 +388,175 @@ def self_distill(
     tol: float = 1e-8,
     keep_outputs: bool = False,
 ) -> SDRun:
-    """Teacher (round 1) + ``rounds − 1`` students, then one PLL student per loss in ``pll_losses``.
+    """Teacher (round 1) + ``rounds − 1`` students, then one PLL student per loss in ``pll_losses``,
+    each probe fit alone (the reference for ``self_distill_batched``).
 
     Rows are named "Teacher", "2", ..., str(rounds), then "PLL" (GCE) / "PLL-CE". Exact rounds are
     warm-started from the previous round's W; each round's minimizer is unique, so that only saves
-    iterations.
+    iterations. SGD round t draws its init and minibatch order from seed 1000·seed + t, the PLL
+    students from 1000·seed + 999.
     """
+
+    def one_by_one(tasks: Sequence[ProbeTask]) -> list[tuple[ProbeFit, float]]:
+        timed = []
+        for task in tasks:
+            t0 = time.perf_counter()
+            fit = _fit_task(X_train, task, solver, tol, X_test, y_test)
+            timed.append((fit, time.perf_counter() - t0))
+        return timed
+
+    return _distill(
+        X_train,
+        [y_given],
+        [seed],
+        y_true,
+        X_test,
+        y_test,
+        lam,
+        num_classes,
+        rounds,
+        solver,
+        recipe,
+        pll_losses,
+        q,
+        keep_outputs,
+        one_by_one,
+    )[0]
+
+
+def self_distill_batched(
+    X_train: np.ndarray,
+    y_given: Sequence[np.ndarray],
+    y_true: np.ndarray,
+    X_test: np.ndarray,
+    y_test: np.ndarray,
+    lam: float,
+    num_classes: int,
+    *,
+    seeds: Sequence[int],
+    rounds: int = 5,
+    solver: str = "exact",
+    recipe: SGDRecipe | None = None,
+    pll_losses: Sequence[str] = ("gce",),
+    q: float = 0.7,
+    tol: float = 1e-8,
+    keep_outputs: bool = False,
+    device: str | torch.device | None = None,
+) -> list[SDRun]:
+    """``self_distill`` of every label set y_given[r] (with seed seeds[r]) on the same features.
+
+    With SGD, each round's probes of all label sets, and then all PLL students (every loss), are one
+    ``fit_sgd_batched`` call: a table's (η, seed) cells train together. A run's reports equal
+    ``self_distill``'s up to float32 round-off; a model's ``seconds`` is its share of its batch.
+    The exact solver fits the probes one by one.
+    """
+    if len(y_given) != len(seeds):
+        raise ValueError(f"one seed per label set: got {len(y_given)} label sets and {len(seeds)} seeds")
+
+    def batched(tasks: Sequence[ProbeTask]) -> list[tuple[ProbeFit, float]]:
+        t0 = time.perf_counter()
+        if solver == "sgd":
+            fits = fit_sgd_batched(X_train, tasks, X_eval=X_test, y_eval=y_test, device=device)
+        else:
+            fits = [_fit_task(X_train, task, solver, tol, X_test, y_test) for task in tasks]
+        share = (time.perf_counter() - t0) / max(len(tasks), 1)
+        return [(fit, share) for fit in fits]
+
+    return _distill(
+        X_train,
+        list(y_given),
+        list(seeds),
+        y_true,
+        X_test,
+        y_test,
+        lam,
+        num_classes,
+        rounds,
+        solver,
+        recipe,
+        pll_losses,
+        q,
+        keep_outputs,
+        batched,
+    )
+
+
+def _fit_task(
+    X: np.ndarray, task: ProbeTask, solver: str, tol: float, X_eval: np.ndarray, y_eval: np.ndarray
+) -> ProbeFit:
+    return fit_probe(
+        X,
+        task.targets,
+        task.lam,
+        solver,
+        recipe=task.recipe,
+        loss=task.loss,
+        q=task.q,
+        W0=task.W0,
+        seed=task.seed,
+        tol=tol,
+        X_eval=X_eval,
+        y_eval=y_eval,
+    )
+
+
+def _distill(
+    X_train: np.ndarray,
+    y_given: list[np.ndarray],
+    seeds: list[int],
+    y_true: np.ndarray,
+    X_test: np.ndarray,
+    y_test: np.ndarray,
+    lam: float,
+    num_classes: int,
+    rounds: int,
+    solver: str,
+    recipe: SGDRecipe | None,
+    pll_losses: Sequence[str],
+    q: float,
+    keep_outputs: bool,
+    fit_many: Callable[[Sequence[ProbeTask]], list[tuple[ProbeFit, float]]],
+) -> list[SDRun]:
+    """The rounds of ``self_distill`` for every label set, each round's probes fit by one ``fit_many``."""
     if rounds < 1:
         raise ValueError(f"need rounds ≥ 1 (the teacher), got {rounds}")
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {list(SOLVERS)}")
     for loss in pll_losses:
         _check_loss(loss)
-    run = SDRun([])
-    targets = one_hot(y_given, num_classes)
-    W_prev, teacher = None, None
+    recipe = recipe or SGDRecipe()
+    runs = [SDRun([]) for _ in y_given]
+    targets = [one_hot(y, num_classes) for y in y_given]
+    W_prev: list[np.ndarray | None] = [None] * len(runs)
+    teachers: list[tuple[np.ndarray, np.ndarray]] = []
     for t in range(1, rounds + 1):
         name = "Teacher" if t == 1 else str(t)
-        fit, seconds = _timed_fit(
-            X_train,
-            targets,
-            lam,
-            solver,
-            recipe=recipe,
-            W0=W_prev if solver == "exact" else None,
-            seed=seed * 1000 + t,
-            tol=tol,
-            X_eval=X_test,
-            y_eval=y_test,
-        )
-        targets = softmax(X_train @ fit.W.T)
-        W_prev = fit.W
-        teacher = teacher if teacher is not None else (fit.W, targets)
-        run.reports.append(_report(name, fit, X_train, y_true, y_given, X_test, y_test, seconds))
-        if keep_outputs:
-            run.outputs[name] = targets
-    W_t, P_t = teacher
-    for loss in pll_losses:
-        fit, seconds = _timed_fit(
-            X_train,
-            two_hot(P_t, seed=seed),
-            lam,
-            solver,
-            recipe=recipe,
-            loss=loss,
-            q=q,
-            W0=W_t,
-            seed=seed * 1000 + 999,
-            tol=tol,
-            X_eval=X_test,
-            y_eval=y_test,
-        )
+        tasks = [
+            ProbeTask(
+                targets[r], lam, recipe, W0=W_prev[r] if solver == "exact" else None, seed=seeds[r] * 1000 + t
+            )
+            for r in range(len(runs))
+        ]
+        for r, (fit, seconds) in enumerate(fit_many(tasks)):
+            targets[r] = softmax(X_train @ fit.W.T)
+            W_prev[r] = fit.W
+            if t == 1:
+                teachers.append((fit.W, targets[r]))
+            runs[r].reports.append(_report(name, fit, X_train, y_true, y_given[r], X_test, y_test, seconds))
+            if keep_outputs:
+                runs[r].outputs[name] = targets[r]
+    cells = [(r, loss) for r in range(len(runs)) for loss in pll_losses]
+    pll_targets = [two_hot(P_t, seed=seed) for (_, P_t), seed in zip(teachers, seeds)]
+    tasks = [
+        ProbeTask(pll_targets[r], lam, recipe, loss=loss, q=q, W0=teachers[r][0], seed=seeds[r] * 1000 + 999)
+        for r, loss in cells
+    ]
+    for (r, loss), (fit, seconds) in zip(cells, fit_many(tasks)):
         name = PLL_ROWS[loss]
-        run.reports.append(_report(name, fit, X_train, y_true, y_given, X_test, y_test, seconds))
+        runs[r].reports.append(_report(name, fit, X_train, y_true, y_given[r], X_test, y_test, seconds))
         if keep_outputs:
-            run.outputs[name] = softmax(X_train @ fit.W.T)
-    return run
-
-
-def _timed_fit(*args: object, **kwargs: object) -> tuple[ProbeFit, float]:
-    t0 = time.perf_counter()
-    fit = fit_probe(*args, **kwargs)
-    return fit, time.perf_counter() - t0
+            runs[r].outputs[name] = softmax(X_train @ fit.W.T)
+    return runs
 
 
 def _report(

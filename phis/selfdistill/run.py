@@ -7,13 +7,18 @@ A job writes ``results.json`` (``"status": "finished"``, its resolved config, on
 last-epoch and best-over-epochs test accuracy, training accuracy w.r.t. the true and the given labels)
 into its own directory, and skips itself when that file already holds a finished run of the same
 config. Block-model jobs also record the theory's predictions for their realized label fractions.
+
+``run_jobs_batched`` runs many SGD jobs at once (``phis.selfdistill.sweep`` hands it a table's sweep):
+jobs that share features and settings train their probes together, and each job's results file is
+the one its own run would write, up to float32 round-off.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -35,8 +40,8 @@ from phis.selfdistill.corruption import (
     realized_matrix,
 )
 from phis.selfdistill.features import FeatureSet, atomic_savez, load_features
-from phis.selfdistill.probe import PLL_LOSSES, SOLVERS, SGDRecipe, self_distill
-from phis.wandb_logging import JobMirror, selfdistill_tables, selfdistill_tags
+from phis.selfdistill.probe import PLL_LOSSES, SOLVERS, SDRun, SGDRecipe, self_distill, self_distill_batched
+from phis.wandb_logging import RUN_FILE, JobMirror, selfdistill_tables, selfdistill_tags
 
 log = logging.getLogger(__name__)
 
@@ -110,36 +115,42 @@ def block_theory(
     }
 
 
-def run_distill(cfg: Mapping[str, Any], feats: FeatureSet, out_dir: Path) -> dict:
-    """Corrupt the labels, train teacher + students + PLL students, and report every model."""
-    sd, seed = cfg["sd"], int(cfg["seed"])
-    ccfg, scfg = sd["corruption"], sd["solver"]
-    K, eta, kind = feats.num_classes, float(ccfg["eta"]), ccfg["kind"]
-    superclass = superclasses_for(feats, ccfg) if kind == "superclass" else None
-    C = corruption_matrix(kind, K, eta, superclass)
-    y_given = corrupt_labels(feats.y_train, C, seed, exact=bool(ccfg.get("exact", False)))
-    C_real = realized_matrix(feats.y_train, y_given, K)
+def _given_labels(cfg: Mapping[str, Any], feats: FeatureSet) -> dict[str, Any]:
+    """The job's corrupted training labels and the corruption they came from."""
+    ccfg, K = cfg["sd"]["corruption"], feats.num_classes
+    superclass = superclasses_for(feats, ccfg) if ccfg["kind"] == "superclass" else None
+    C = corruption_matrix(ccfg["kind"], K, float(ccfg["eta"]), superclass)
+    y_given = corrupt_labels(feats.y_train, C, int(cfg["seed"]), exact=bool(ccfg.get("exact", False)))
+    return {
+        "y_given": y_given,
+        "C": C,
+        "C_realized": realized_matrix(feats.y_train, y_given, K),
+        "superclass": superclass,
+    }
+
+
+def _distill_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``self_distill`` keyword arguments a job's config sets (all but labels and seed)."""
+    sd, scfg = cfg["sd"], cfg["sd"]["solver"]
     recipe = None
     if scfg["name"] == "sgd":
         keys = ("epochs", "batch_size", "lr", "momentum", "lr_decay")
         recipe = SGDRecipe(**{k: scfg[k] for k in keys})
-    run = self_distill(
-        feats.X_train,
-        y_given,
-        feats.y_train,
-        feats.X_test,
-        feats.y_test,
-        float(sd["lam"]),
-        K,
-        rounds=int(sd["rounds"]),
-        solver=scfg["name"],
-        recipe=recipe,
-        pll_losses=list(sd["pll"]["losses"]),
-        q=float(sd["pll"]["q"]),
-        seed=seed,
-        tol=float(scfg.get("tol", 1e-8)),
-        keep_outputs=bool(cfg["save_outputs"]),
-    )
+    return {
+        "rounds": int(sd["rounds"]),
+        "solver": scfg["name"],
+        "recipe": recipe,
+        "pll_losses": list(sd["pll"]["losses"]),
+        "q": float(sd["pll"]["q"]),
+        "tol": float(scfg.get("tol", 1e-8)),
+        "keep_outputs": bool(cfg["save_outputs"]),
+    }
+
+
+def _distill_result(
+    cfg: Mapping[str, Any], feats: FeatureSet, labels: Mapping[str, Any], run: SDRun, out_dir: Path
+) -> dict:
+    """Log a job's models, save its outputs if asked, and return its report."""
     for rep in run.reports:
         log.info(
             "%-8s test %.4f (best over epochs %.4f)  train/true %.4f  train/given %.4f  %.1fs",
@@ -150,20 +161,45 @@ def run_distill(cfg: Mapping[str, Any], feats: FeatureSet, out_dir: Path) -> dic
             rep.train_acc_given,
             rep.seconds,
         )
+    y_given = labels["y_given"]
     if run.outputs:
         atomic_savez(out_dir / OUTPUTS_FILE, y_true=feats.y_train, y_given=y_given, **run.outputs)
+    sd = cfg["sd"]
     result = {
         "models": [asdict(rep) for rep in run.reports],
-        "C": C,
-        "C_realized": C_real,
+        "C": labels["C"],
+        "C_realized": labels["C_realized"],
         "noise_realized": float(np.mean(y_given != feats.y_train)),
-        "superclass": superclass,
+        "superclass": labels["superclass"],
     }
     if sd["features"]["kind"] == "block":
+        ccfg = sd["corruption"]
         result["theory"] = block_theory(
-            sd["features"], kind, eta, float(sd["lam"]), int(sd["rounds"]), C_real
+            sd["features"],
+            ccfg["kind"],
+            float(ccfg["eta"]),
+            float(sd["lam"]),
+            int(sd["rounds"]),
+            labels["C_realized"],
         )
     return result
+
+
+def run_distill(cfg: Mapping[str, Any], feats: FeatureSet, out_dir: Path) -> dict:
+    """Corrupt the labels, train teacher + students + PLL students, and report every model."""
+    labels = _given_labels(cfg, feats)
+    run = self_distill(
+        feats.X_train,
+        labels["y_given"],
+        feats.y_train,
+        feats.X_test,
+        feats.y_test,
+        float(cfg["sd"]["lam"]),
+        feats.num_classes,
+        seed=int(cfg["seed"]),
+        **_distill_settings(cfg),
+    )
+    return _distill_result(cfg, feats, labels, run, out_dir)
 
 
 def run_spectrum(cfg: Mapping[str, Any], feats: FeatureSet) -> dict:
@@ -185,12 +221,9 @@ def _select(cfg: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
-def run_job(cfg: Mapping[str, Any], out_dir: Path) -> dict:
-    """Everything one job reports, as a JSON-ready dict (without status/config)."""
-    validate(cfg)
-    t0 = time.perf_counter()
-    feats = load_features(cfg["sd"]["features"], cfg["cache_dir"])
-    info = {
+def _job_info(cfg: Mapping[str, Any], feats: FeatureSet) -> dict:
+    """What a job's results say about its data and settings, before any result."""
+    return {
         "experiment": cfg["experiment"],
         "report": cfg["report"],
         "table_key": ", ".join(f"{key.split('.')[-1]}={_select(cfg, key)}" for key in cfg["table_by"]),
@@ -206,8 +239,77 @@ def run_job(cfg: Mapping[str, Any], out_dir: Path) -> dict:
         "lam": float(cfg["sd"]["lam"]),
         "solver": cfg["sd"]["solver"]["name"],
     }
+
+
+def run_job(cfg: Mapping[str, Any], out_dir: Path) -> dict:
+    """Everything one job reports, as a JSON-ready dict (without status/config)."""
+    validate(cfg)
+    t0 = time.perf_counter()
+    feats = load_features(cfg["sd"]["features"], cfg["cache_dir"])
+    info = _job_info(cfg, feats)
     body = run_spectrum(cfg, feats) if cfg["task"] == "spectrum" else run_distill(cfg, feats, out_dir)
     return {**info, **body, "wall_s": time.perf_counter() - t0}
+
+
+def batchable(cfg: Mapping[str, Any]) -> bool:
+    """Whether a job's probes can train in a batch with other jobs' (SGD self-distillation)."""
+    return cfg["task"] == "distill" and cfg["sd"]["solver"]["name"] == "sgd"
+
+
+def _batch_key(cfg: Mapping[str, Any]) -> str:
+    """Jobs with equal keys share features and training settings; only labels and seed differ."""
+    shared = {k: v for k, v in cfg.items() if k not in ("seed", *NON_RESULT_KEYS)}
+    shared["sd"] = {k: v for k, v in cfg["sd"].items() if k != "corruption"}
+    return json.dumps(shared, sort_keys=True, default=str)
+
+
+def run_jobs_batched(jobs: Sequence[tuple[Mapping[str, Any], Path]], device: str | None = None) -> list[Path]:
+    """Run SGD self-distillation jobs, those that share features and settings as one batch
+    (``self_distill_batched``), writing each job's results file as ``main`` would; jobs already
+    finished with their config are skipped. Returns the results files written.
+
+    A job's reports equal its run alone up to float32 round-off; its ``wall_s`` (and each model's
+    ``seconds``) is its share of the batch's time.
+    """
+    groups: dict[str, list[tuple[Mapping[str, Any], Path]]] = {}
+    for cfg, out_dir in jobs:
+        validate(cfg)
+        if not batchable(cfg):
+            raise ValueError(
+                f"job {out_dir} is not batchable (task={cfg['task']!r}, sd.solver.name="
+                f"{cfg['sd']['solver']['name']!r}); only task='distill' with sd.solver.name='sgd' is"
+            )
+        if is_finished(out_dir) and _same_job(read_json(out_dir / RESULTS_FILE).get("config"), cfg):
+            log.info("already finished: %s", out_dir)
+            continue
+        groups.setdefault(_batch_key(cfg), []).append((cfg, out_dir))
+    written = []
+    for group in groups.values():
+        t0 = time.perf_counter()
+        first = group[0][0]
+        feats = load_features(first["sd"]["features"], first["cache_dir"])
+        labels = [_given_labels(cfg, feats) for cfg, _ in group]
+        log.info("training the probes of %d jobs under %s together", len(group), group[0][1].parent)
+        runs = self_distill_batched(
+            feats.X_train,
+            [lab["y_given"] for lab in labels],
+            feats.y_train,
+            feats.X_test,
+            feats.y_test,
+            float(first["sd"]["lam"]),
+            feats.num_classes,
+            seeds=[int(cfg["seed"]) for cfg, _ in group],
+            device=device,
+            **_distill_settings(first),
+        )
+        share = (time.perf_counter() - t0) / len(group)
+        for (cfg, out_dir), lab, run in zip(group, labels, runs):
+            body = _distill_result(cfg, feats, lab, run, out_dir)
+            result = {**_job_info(cfg, feats), **body, "wall_s": share}
+            written.append(
+                atomic_write_json(out_dir / RESULTS_FILE, {**result, "config": cfg, "status": "finished"})
+            )
+    return written
 
 
 def _same_job(stored: Mapping[str, Any] | None, config: Mapping[str, Any]) -> bool:
@@ -223,9 +325,16 @@ def main(cfg: DictConfig) -> None:
     """Run one job into Hydra's output directory unless it already finished with this config."""
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
-    if is_finished(out_dir) and _same_job(read_json(out_dir / RESULTS_FILE).get("config"), config):
-        log.info("already finished: %s", out_dir)
-        return
+    if is_finished(out_dir):
+        done = read_json(out_dir / RESULTS_FILE)
+        if _same_job(done.get("config"), config):
+            log.info("already finished: %s", out_dir)
+            # A job trained in a batch (phis.selfdistill.sweep) gets its W&B run here, once.
+            if not (out_dir / RUN_FILE).is_file():
+                with JobMirror(cfg, selfdistill_tags(cfg), out_dir) as mirror:
+                    mirror.open()
+                    mirror.record(done, selfdistill_tables(done))
+            return
     torch.set_num_threads(int(cfg.threads))
     with JobMirror(cfg, selfdistill_tags(cfg), out_dir) as mirror:  # logger=wandb: this job's run
         mirror.open()
