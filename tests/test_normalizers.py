@@ -368,7 +368,7 @@ def test_default_float32_statistics_fit_the_float64_transform(name):
     fast.fit()
     exact = fitted(name, y)
     assert fast.stats.dtype == torch.float32 and exact.stats.dtype == F64
-    torch.testing.assert_close(fast.mu, exact.mu, rtol=0, atol=1e-9)
+    torch.testing.assert_close(fast.mu, exact.mu, rtol=0, atol=1e-6)  # ~1e-7 of the channel stds (2-30)
     # Eigenvectors of close eigenvalues may turn by more than the statistics' error, so compare what the
     # transform does: the covariance of the normalized features (the identity for the whitenings).
     cov = torch.from_numpy(np_cov(y))
