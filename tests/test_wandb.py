@@ -366,3 +366,38 @@ def test_a_killed_job_resumes_its_own_run(tmp_path: Path) -> None:
     finished = [r for r in runs if r.exit_code is not None]
     assert len(finished) == 1 and finished[0].exit_code == 0
     assert "heldout/test/clip/mse_teacher" in finished[0].summary
+
+
+@pytest.mark.slow
+def test_batched_selfdistill_sweep_mirrors_every_job(tmp_path: Path) -> None:
+    # phis.selfdistill.sweep trains the SGD jobs in one batch; the multirun then finds them finished
+    # and each job still gets its own finished W&B run.
+    sweep, tables = tmp_path / "sweep", tmp_path / "tables"
+    proc = _cli(
+        "phis.selfdistill.sweep",
+        "sd/solver=sgd",
+        "sd.solver.epochs=2",
+        "sd.features.n=6",
+        "sd.features.n_test=2",
+        "sd.corruption.eta=0.0,0.5",
+        "logger=wandb",
+        f"hydra.sweep.dir={sweep}",
+        f"tables_dir={tables}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("already finished") + proc.stderr.count("already finished") == 2
+    runs = runs_under(sweep)
+    jobs = {r.name: r for r in runs if r.job_type != "tables"}
+    assert sorted(jobs) == ["eta_0.0", "eta_0.5"]
+    teacher_acc = {}
+    for path in sweep.rglob("results.json"):  # job dirs are named by their overrides, "/" included
+        results = json.loads(path.read_text())
+        eta = results["config"]["sd"]["corruption"]["eta"]
+        teacher_acc[f"eta_{eta}"] = results["models"][0]["test_acc_last"]
+    for name, run in jobs.items():
+        assert run.exit_code == 0 and "solver:sgd" in run.tags
+        table = run.table("results/models")
+        rows = {row[0]: dict(zip(table["columns"], row)) for row in table["data"]}
+        assert rows["Teacher"]["test_acc_last"] == pytest.approx(teacher_acc[name])
+    assert [r.job_type for r in runs].count("tables") == 1

@@ -51,6 +51,7 @@ def sweep_jobs(arguments: Sequence[str]) -> list[tuple[dict[str, Any], Path]]:
             out_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
             with open_dict(cfg):
                 del cfg["hydra"]
+                cfg.pop("logger", None)  # resolves against the job's runtime; no part of its results
             jobs.append((OmegaConf.to_container(cfg, resolve=True), out_dir))
     return jobs
 
