@@ -123,7 +123,8 @@ fi
 if [[ "$ONLY" != phis ]]; then
   if [[ "$PROFILE" == paper ]]; then
     stage "SD-PLL: paper-table multirun (needs the paper's datasets; see conf/sd_experiment/paper_table.yaml)"
-    "$PY" -m phis.selfdistill.run -m sd_experiment=paper_table "tables_dir=$RESULTS/selfdistill" \
+    # phis.selfdistill.sweep trains every (eta, seed) job's probes as one batch, then runs the multirun.
+    "$PY" -m phis.selfdistill.sweep sd_experiment=paper_table "tables_dir=$RESULTS/selfdistill" \
       "hydra.sweep.dir=$RUNS/$PROFILE/selfdistill/paper_table"
   else
     stage "SD-PLL: $PROFILE study -> $RESULTS/selfdistill"
