@@ -65,9 +65,9 @@ def test_batch_split_invariance_and_symmetry():
 
 
 def test_float32_products_within_1e6_of_float64_reference():
-    # Enough tokens for several full 8,192-token chunks: the float32 error grows with chunk length.
-    y = sam_like(20_000, 64, seed=11)
-    m = feed(y, [5, 12_000, 7_995], dtype=torch.float32)
+    # Enough tokens for full 16,384-token chunks: the float32 error grows with chunk length.
+    y = sam_like(40_000, 64, seed=11)
+    m = feed(y, [5, 33_000, 6_995], dtype=torch.float32)
     mean, cov = reference(y)
     scale = np.abs(cov).max()
     err = np.abs(m.covariance.numpy() - cov).max()
@@ -81,8 +81,9 @@ def test_float32_products_within_1e6_of_float64_reference():
 
 @pytest.mark.parametrize("dim", [17, 600, 1100])  # one, two and four column blocks of the product
 def test_float32_products_across_column_blocks_are_symmetric_and_close(dim):
-    y = sam_like(9000, dim, seed=dim)  # two chunks of different lengths at every width
-    m = feed(y, [9000], dtype=torch.float32)
+    # Two chunks at every width: 16,384 + 1,616 tokens (15,252 + 2,748 at 1,100 channels).
+    y = sam_like(18_000, dim, seed=dim)
+    m = feed(y, [18_000], dtype=torch.float32)
     mean, cov = reference(y)
     assert torch.equal(m.m2, m.m2.T)
     assert np.abs(m.covariance.numpy() - cov).max() < 1e-6 * np.abs(cov).max()
