@@ -34,10 +34,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from phis.build import build_module, teacher_set
 from phis.module import resample_grid
 from phis.results import atomic_write_text, markdown_table
 from phis.teachers import build_teacher
-from phis.train import build_module, teacher_set
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PARTS = ("teachers", "statistics", "student", "optimizer")

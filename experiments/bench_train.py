@@ -29,8 +29,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
+from phis.build import build_datamodule, build_module
 from phis.results import write_table
-from phis.train import build_datamodule, build_module
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -30,9 +30,10 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from phis.eval import TeacherErrorMeter, rankme, tokens
 from phis.hadamard import hadamard_matrix
+from phis.metrics import TeacherErrorMeter, rankme, tokens
 from phis.results import write_table
+from phis.stats import TABLE7_KEYS, activation_stats, token_moments
 
 Rows = list[dict[str, Any]]
 F64 = torch.float64
@@ -107,27 +108,19 @@ def rankme_table(features: Mapping[str, Tensor]) -> Rows:
 # Table 7 / Fig. 2: teacher activation statistics
 
 
-def activation_stats(features: Tensor) -> dict[str, float]:
-    """Global mean/std over all values and min/max of the per-channel means and stds (population)."""
-    y = _token_matrix("activation_stats", features)
-    ch_mean = y.mean(0)
-    ch_std = (y - ch_mean).pow(2).mean(0).sqrt()
-    g_mean = y.mean()
-    return {
-        "channel_mean_min": float(ch_mean.min()),
-        "channel_mean_max": float(ch_mean.max()),
-        "channel_std_min": float(ch_std.min()),
-        "channel_std_max": float(ch_std.max()),
-        "global_mean": float(g_mean),
-        "global_std": float((y - g_mean).pow(2).mean().sqrt()),
-    }
+def _teacher_stats(name: str, features: Tensor) -> dict[str, float]:
+    """:func:`phis.stats.activation_stats` of one teacher's features ``[B, C, h, w]`` or ``[N, C]``."""
+    return activation_stats(token_moments(_token_matrix(name, features)))
 
 
 def activation_stats_table(
     features: Mapping[str, Tensor], figure: str | os.PathLike | None = None, bins: int = 100
 ) -> Rows:
     """Table 7 per teacher; with ``figure``, Fig. 2: a histogram of all activation values per teacher."""
-    rows = [{"teacher": t, **activation_stats(f)} for t, f in features.items()]
+    rows = []
+    for t, f in features.items():
+        stats = _teacher_stats(t, f)
+        rows.append({"teacher": t, **{k: stats[k] for k in TABLE7_KEYS}})
     if figure is not None:
         fig = Figure(figsize=(4 * len(rows), 3.2), layout="constrained")
         axes = fig.subplots(1, len(rows), squeeze=False)[0]
@@ -149,10 +142,10 @@ def alpha_table(features: Mapping[str, Tensor]) -> Rows:
     """α_gs = 1/σ_g (σ_g over all values) and α_phis = (tr Σ / C)^-½ per teacher; α_gs ≤ α_phis always."""
     rows = []
     for t, f in features.items():
-        y = _token_matrix(t, f)
-        mean_var = float((y - y.mean(0)).pow(2).mean(0).mean())  # tr Σ / C
-        sigma_g = float((y - y.mean()).pow(2).mean().sqrt())
-        rows.append({"teacher": t, "alpha_global_standardize": 1 / sigma_g, "alpha_phi_s": mean_var**-0.5})
+        stats = _teacher_stats(t, f)
+        rows.append(
+            {"teacher": t, "alpha_global_standardize": stats["alpha_gs"], "alpha_phi_s": stats["alpha_phis"]}
+        )
     return rows
 
 
@@ -259,13 +252,6 @@ def loss_curves(
 
 # ----------------------------------------------------------------------------------------------------
 # Fig. 9: per-channel loss histograms
-
-
-def channel_mse(pred: Tensor, target: Tensor) -> Tensor:
-    """Teacher-space MSE per channel ``[C]`` (float64) of ``pred`` vs ``target`` ([B, C, h, w] or [N, C])."""
-    if pred.shape != target.shape:
-        raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
-    return (tokens(pred).to(F64) - _token_matrix("channel_mse target", target)).pow(2).mean(0)
 
 
 def channel_loss_histograms(

@@ -27,6 +27,7 @@ from typing import Any
 
 from phis.ranks import RankTable, metric_group, rank_table
 from phis.results import atomic_write_text, collect_results, mean_std, write_table
+from phis.stats import TABLE7_KEYS
 
 REFERENCE = Path(__file__).resolve().parent / "reference"
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -451,14 +452,7 @@ def teacher_stats_outputs(runs: Sequence[Run], out: Path) -> list[Path]:
     stats = next((r.results["teacher_stats"] for r in runs if r.results.get("teacher_stats")), None)
     if not stats:
         return []
-    cols7 = [
-        "channel_mean_min",
-        "channel_mean_max",
-        "channel_std_min",
-        "channel_std_max",
-        "global_mean",
-        "global_std",
-    ]
+    cols7 = list(TABLE7_KEYS)
     ref7 = paper_rows("phis_table7_teacher_stats")
     rows = [[f"ours: {t}"] + [f"{s[c]:.4g}" for c in cols7] for t, s in stats.items()]
     rows += [[f"paper: {t}"] + [r[c] for c in cols7] for t, r in ref7.items()]
@@ -496,7 +490,7 @@ def teacher_features(run_dir: Path) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from phis.train import build_datamodule
+    from phis.build import build_datamodule
 
     dm = build_datamodule(_train_config(run_dir))
     dm.prepare_data()  # a cache entry deleted (or re-keyed) since training is rebuilt by its teacher
@@ -512,27 +506,15 @@ def teacher_features(run_dir: Path) -> dict[str, Any]:
 
 def channel_losses(run_dir: Path) -> dict[str, Any]:
     """Per teacher, held-out teacher-space MSE per channel ``[C]`` of the run's final checkpoint."""
-    import torch
-
+    from phis.build import build_datamodule
     from phis.module import DistillModule
-    from phis.train import build_datamodule
 
     module = DistillModule.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", map_location="cpu")
-    module.eval()
     dm = build_datamodule(_train_config(run_dir))
     dm.prepare_data()
     split = "test" if "test" in dm.sets else "val"
-    sums: dict[str, Any] = {}
-    counts: dict[str, int] = {}
-    with torch.no_grad():
-        for batch in dm.heldout_dataloader(split):
-            targets = module.targets(batch)  # features [B, h, w, C]
-            pred = module.predict(batch["images"])  # features [B, C, h, w]
-            for n, (_, y) in targets.items():
-                err = (pred[n].features.permute(0, 2, 3, 1).double() - y.double()).pow(2)
-                sums[n] = sums.get(n, 0) + err.reshape(-1, err.shape[-1]).sum(0)
-                counts[n] = counts.get(n, 0) + err.shape[0] * err.shape[1] * err.shape[2]
-    return {n: s / counts[n] for n, s in sums.items()}
+    metrics = module.heldout_metrics(dm.heldout_dataloader(split), per_channel=True)
+    return {n: r["channel_mse"] for n, r in metrics.items()}
 
 
 def metrics_csv(run_dir: Path) -> Path | None:
@@ -552,7 +534,7 @@ def metrics_csv(run_dir: Path) -> Path | None:
 
 def loss_curve_outputs(first: Mapping[str, Run], out: Path) -> list[Path]:
     """Fig. 3 from the runs' metrics CSVs (needs no teacher cache or checkpoint)."""
-    from phis import analyses
+    from experiments import paper_analyses as analyses
 
     curves = {LABELS.get(m, m): path for m, r in first.items() if (path := metrics_csv(r.dir)) is not None}
     if not curves:
@@ -566,7 +548,7 @@ def loss_curve_outputs(first: Mapping[str, Run], out: Path) -> list[Path]:
 
 def teacher_feature_outputs(ref: Run, out: Path) -> list[Path]:
     """Table 9 and Figs. 1, 2 from the teacher features cached for ``ref`` (rebuilt if missing)."""
-    from phis import analyses
+    from experiments import paper_analyses as analyses
 
     feats = teacher_features(ref.dir)
     rows = analyses.hadamard_alignment_table(feats)
@@ -588,7 +570,7 @@ def teacher_feature_outputs(ref: Run, out: Path) -> list[Path]:
 
 def channel_loss_outputs(first: Mapping[str, Run], out: Path) -> list[Path]:
     """Fig. 9 from each run's final checkpoint on its held-out split."""
-    from phis import analyses
+    from experiments import paper_analyses as analyses
 
     losses: dict[str, dict[str, Any]] = {}
     for m, r in first.items():
@@ -629,8 +611,8 @@ def aggregate_analyses(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike)
 
 def ref_normalizer(run_dir: Path, teacher: str) -> Any:
     """The PHI-S transform of ``teacher`` fitted on the run's training cache (for Fig. 1)."""
+    from phis.build import build_datamodule
     from phis.normalizers import make_normalizer
-    from phis.train import build_datamodule
 
     cache = build_datamodule(_train_config(run_dir)).caches["train"][teacher]
     norm = make_normalizer("phi_s", cache.meta["feature_dim"])

@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -34,7 +33,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from phis.stats import StreamingMoments
+from phis.stats import StreamingMoments, activation_stats
 
 log = logging.getLogger(__name__)
 
@@ -242,24 +241,8 @@ class TeacherCache:
         return m
 
     def activation_stats(self) -> dict[str, float]:
-        """PHI-S Table 7/8 statistics of the stored features: channel mean/std ranges, global std, α's."""
-        m = self.moments()
-        mean, var = m.mean, m.variance.clamp_min(0)
-        std = var.sqrt()
-        # Over every element: σ_g² = mean_c Var_c + Var_c(μ_c); PHI-S uses α = (mean_c Var_c)^-½.
-        global_var = float(var.mean() + mean.var(unbiased=False))
-        return {
-            "feature_dim": m.dim,
-            "tokens": int(m.count),
-            "channel_mean_min": float(mean.min()),
-            "channel_mean_max": float(mean.max()),
-            "channel_std_min": float(std.min()),
-            "channel_std_max": float(std.max()),
-            "global_mean": float(mean.mean()),
-            "global_std": math.sqrt(global_var),
-            "alpha_gs": 1.0 / math.sqrt(global_var) if global_var > 0 else math.inf,
-            "alpha_phis": 1.0 / math.sqrt(float(var.mean())) if float(var.mean()) > 0 else math.inf,
-        }
+        """PHI-S Table 7/8 statistics of the stored features (see :func:`phis.stats.activation_stats`)."""
+        return activation_stats(self.moments())
 
     @property
     def spec(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import hashlib
 import importlib.util
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset
 
 from phis.cache import TeacherCache
+from phis.images import IMAGE_EXTENSIONS, is_image
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,6 @@ SOURCES: dict[str, tuple[str, str]] = {
 }
 TEST_SOURCES = ("coffee", "rocket", "china", "camera")
 SPLITS = ("train", "val", "test")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 _POOL_VERSION = 3
 
 
@@ -215,9 +215,7 @@ class ImageFolder(Dataset):
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
         self.size, self.split, self.val_fraction = int(size), split, float(val_fraction)
-        files = sorted(
-            p.relative_to(self.root) for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        files = sorted(p.relative_to(self.root) for p in self.root.rglob("*") if is_image(p))
         self.files = [f for f in files if split == "all" or (self._is_val(f) == (split == "val"))]
         if not self.files:
             raise FileNotFoundError(
@@ -495,3 +493,16 @@ class DistillDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self.heldout_dataloader("val")
+
+
+def heldout_set(
+    source: str | Sequence[str] | None, size: int, limit: int = 1024, name: str = "heldout"
+) -> Dataset:
+    """Held-out set of a shard run: ``phis.shards.HeldoutImages`` of ``source`` (shards or a folder), or
+    crops of the offline test photos if None."""
+    if source is None:
+        log.info("no data.heldout given: held-out metrics use %d crops of the offline test photos", limit)
+        return OfflineImagePool("test", size, limit)
+    from phis.shards import HeldoutImages
+
+    return HeldoutImages(source, size, limit, name)

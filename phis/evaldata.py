@@ -44,11 +44,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from phis.images import IMAGE_EXTENSIONS, list_images
+
 IGNORE_INDEX = 255
 SPLITS = ("train", "test")
 CLASSIFICATION_SETS = ("digits", "photos", "image_folder")
 SEGMENTATION_SETS = ("collage", "ade20k", "voc")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -226,10 +227,6 @@ def _require_dir(path: Path, what: str) -> Path:
     return path
 
 
-def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
 def _resize_crop(img: Tensor, size: int, mode: str) -> Tensor:
     """Resize ``img: [C, H, W]`` so the shorter side is ``size``, then centre-crop to ``size × size``."""
     _, h, w = img.shape
@@ -286,7 +283,7 @@ class ImageFolderSet(Dataset):
             )
         self.name, self.size = self.root.name, size
         self.class_names = list(class_names) if class_names is not None else [p.name for p in folders]
-        self.samples = [(p, k) for k, folder in enumerate(folders) for p in _list_images(folder)]
+        self.samples = [(p, k) for k, folder in enumerate(folders) for p in list_images(folder)]
         if not self.samples:
             exts = ", ".join(IMAGE_EXTENSIONS)
             raise FileNotFoundError(f"image-folder dataset: no images ({exts}) under {self.root}")
@@ -342,7 +339,7 @@ def ade20k_set(root: str | Path, split: str, size: int = 256) -> SegmentationFol
     img_dir = _require_dir(root / "images" / sub, "ADE20k images (expected root/images/<split>)")
     ann_dir = _require_dir(root / "annotations" / sub, "ADE20k masks (expected root/annotations/<split>)")
     pairs = []
-    for img in _list_images(img_dir):
+    for img in list_images(img_dir):
         mask = ann_dir / f"{img.stem}.png"
         if not mask.is_file():
             raise FileNotFoundError(f"ADE20k: annotation {mask} for image {img} does not exist")

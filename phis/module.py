@@ -24,7 +24,7 @@ import contextlib
 import copy
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -35,8 +35,8 @@ from torch import Tensor, nn
 
 from phis.cache import TeacherCache
 from phis.losses import AdaLoss, cosine, make_loss, mse
+from phis.metrics import TeacherErrorMeter
 from phis.normalizers import make_normalizer
-from phis.stats import StreamingMoments
 from phis.student import MultiTeacherViT
 
 NORMALIZER_FITS = ("cache", "schedule")
@@ -409,58 +409,71 @@ class DistillModule(pl.LightningModule):
 
     @torch.no_grad()
     def heldout_metrics(
-        self, batches: Iterable[Mapping[str, Any]], distributed: bool = False
+        self,
+        batches: Iterable[Mapping[str, Any]],
+        distributed: bool = False,
+        teachers: Callable[[str], nn.Module] | None = None,
+        per_channel: bool = False,
     ) -> dict[str, dict[str, Any]]:
-        """Per teacher, on held-out batches: teacher-space MSE, target variance and the explained fraction.
+        """Per teacher, on held-out batches: teacher-space MSE, target variance, explained fraction,
+        per-channel error-variance ranges and summary cosine (the one held-out teacher-error path).
 
         Errors are measured on the teacher's own grid against the raw targets; ``variance`` is the mean
         per-channel variance of the held-out targets (tr Σ / C), so ``explained = 1 − MSE / variance`` is
-        0 for predicting the held-out mean itself. ``summary_cosine`` is the mean cosine similarity of
-        predicted and true summaries. With ``distributed`` every rank passes its share of the batches and
-        all ranks return the metrics of all of them (sums and moments all-reduced).
+        0 for predicting the held-out mean itself. ``error_variance_range`` (teacher space) and
+        ``error_variance_range_normalized`` (``predict_normalized`` against the normalized targets) are
+        max − min over channels of the error variance (PHI-S Table 5). ``summary_cosine`` is the mean
+        cosine similarity of predicted and true summaries. Targets come from the batch (cache), else
+        from the attached teachers, else from ``teachers(name)``. With ``distributed`` every rank passes
+        its share of the batches and all ranks return the metrics of all of them. ``per_channel`` adds
+        ``channel_mse``: the teacher-space MSE per channel ``[C]`` (float64 tensor; PHI-S Fig. 9).
         """
         was_training = self.training
         self.eval()
-        acc: dict[str, dict[str, Any]] = {
-            n: {
-                "sse": 0.0,
-                "moments": StreamingMoments(s["feature_dim"], torch.float64).to(self.device),
-                "cos": 0.0,
-                "m": 0,
-            }
+        dev = self.device
+        meters = {
+            n: tuple(TeacherErrorMeter(s["feature_dim"], dev, strict=False) for _ in range(2))
             for n, s in self.teacher_specs.items()
         }
+        cos = {n: torch.zeros(2, dtype=torch.float64, device=dev) for n in meters}  # sum, count
         for batch in batches:
-            images = batch["images"].to(self.device)
-            preds = self.predict(images)
-            targets = self.targets({**batch, "images": images})
-            for n, a in acc.items():
+            images = batch["images"].to(dev)
+            if "targets" in batch or self._teachers or teachers is None:
+                targets = self.targets({**batch, "images": images})
+            else:
+                outs = {n: teachers(n)(images) for n in meters}
+                targets = {n: (o.summary, o.features.permute(0, 2, 3, 1)) for n, o in outs.items()}
+            out = self.student(images)
+            for n, (teacher_space, normalized) in meters.items():
                 summary_t, y = targets[n]
-                y = y.to(self.device)  # [B, h, w, C]
-                x = preds[n].features.permute(0, 2, 3, 1)
-                a["sse"] += float((x.double() - y.double()).square().sum())
-                a["moments"].update(y)
-                if summary_t is not None and preds[n].summary is not None:
-                    cos = F.cosine_similarity(preds[n].summary.double(), summary_t.to(self.device).double())
-                    a["cos"] += float(cos.sum())
-                    a["m"] += len(images)
+                y = y.to(dev).float()  # [B, h, w, C]
+                norm = self.normalizers[n]
+                pred = self._grid_maps(norm.denormalize(out.features[n]), out.grid, n)  # [B, C, h, w]
+                teacher_space.update(pred, y.permute(0, 3, 1, 2))
+                pred_norm = self._grid_maps(out.features[n], out.grid, n)
+                normalized.update(pred_norm, norm(y).permute(0, 3, 1, 2))
+                summary = out.summaries.get(n)
+                if summary_t is not None and summary is not None:
+                    c = F.cosine_similarity(summary.double(), summary_t.to(dev).double(), dim=1)
+                    cos[n] += torch.stack([c.sum(), c.new_tensor(float(len(c)))])
         self.train(was_training)
         if distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            for a in acc.values():
-                a["moments"].all_reduce_()
-                sums = torch.tensor([a["sse"], a["cos"], a["m"]], dtype=torch.float64, device=self.device)
-                dist.all_reduce(sums)
-                a["sse"], a["cos"], a["m"] = float(sums[0]), float(sums[1]), int(sums[2])
+            for n, (teacher_space, normalized) in meters.items():
+                teacher_space.all_reduce_()
+                normalized.all_reduce_()
+                dist.all_reduce(cos[n])
         res = {}
-        for n, a in acc.items():
-            m = a["moments"]
-            variance = float(m.variance.mean())
-            mse_t = a["sse"] / (float(m.count) * m.dim)
+        for n, (teacher_space, normalized) in meters.items():
+            r = teacher_space.result()
             res[n] = {
-                "mse_teacher": mse_t,
-                "variance": variance,
-                "explained": 1.0 - mse_t / variance if variance > 0 else math.nan,
-                "summary_cosine": a["cos"] / a["m"] if a["m"] else None,
-                "tokens": int(m.count),
+                "mse_teacher": r["mse"],
+                "variance": r["variance"],
+                "explained": r["explained"],
+                "error_variance_range": r["error_variance_range"],
+                "error_variance_range_normalized": normalized.result()["error_variance_range"],
+                "summary_cosine": float(cos[n][0] / cos[n][1]) if cos[n][1] > 0 else None,
+                "tokens": teacher_space.tokens,
             }
+            if per_channel:
+                res[n]["channel_mse"] = teacher_space.channel_mse.cpu()
         return res

@@ -36,7 +36,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from phis.data import IMAGE_EXTENSIONS
+from phis.images import list_images
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ class HeldoutImages(Dataset):
         skips, images = _Skips(), []
         if isinstance(self.source, str) and os.path.isdir(self.source):
             root = Path(self.source)
-            for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+            for path in list_images(root, recursive=True):
                 try:
                     with Image.open(path) as im:
                         images.append(center_crop(im, self.size))
@@ -338,15 +338,3 @@ class HeldoutImages(Dataset):
     def __getitem__(self, index: int) -> Tensor:
         """Float ``[3, S, S]`` in [0, 1]."""
         return self.images[index].float() / 255.0
-
-
-def heldout_set(
-    source: str | Sequence[str] | None, size: int, limit: int = 1024, name: str = "heldout"
-) -> Dataset:
-    """Held-out set of a shard run: ``HeldoutImages`` of ``source``, or the offline test photos if None."""
-    if source is None:
-        from phis.data import OfflineImagePool
-
-        log.info("no data.heldout given: held-out metrics use %d crops of the offline test photos", limit)
-        return OfflineImagePool("test", size, limit)
-    return HeldoutImages(source, size, limit, name)

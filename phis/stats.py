@@ -18,6 +18,7 @@ the diagonal, and runs with TF32 off on a GPU.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import torch
@@ -73,7 +74,10 @@ def _mirror_upper(acc: Tensor) -> Tensor:
 def _combine(
     a: tuple[float, Tensor, Tensor] | None, b: tuple[float, Tensor, Tensor]
 ) -> tuple[float, Tensor, Tensor]:
-    """Chan et al.'s merge of two (count, mean [C], scatter [C, C]) summaries; ``a = None`` means empty."""
+    """Chan et al.'s merge of two (count, mean [C], M2) summaries; ``a = None`` means empty.
+
+    M2 is the scatter matrix [C, C], or only its diagonal [C] (per-channel sums of squared deviations).
+    """
     if a is None or a[0] == 0:
         return b
     n_a, mean_a, m2_a = a
@@ -82,7 +86,8 @@ def _combine(
         return a
     n = n_a + n_b
     delta = mean_b - mean_a
-    return n, mean_a + delta * (n_b / n), m2_a + m2_b + torch.outer(delta, delta) * (n_a * n_b / n)
+    cross = torch.outer(delta, delta) if m2_a.ndim == 2 else delta * delta
+    return n, mean_a + delta * (n_b / n), m2_a + m2_b + cross * (n_a * n_b / n)
 
 
 class StreamingMoments(nn.Module):
@@ -228,3 +233,106 @@ class StreamingMoments(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, dtype={self.dtype}, count={int(self.count)}"
+
+
+class ChannelMoments:
+    """Per-channel token count, mean [C] and sum of squared deviations [C], in float64.
+
+    The diagonal of :class:`StreamingMoments` for when only per-channel statistics are needed (error
+    variances, explained fractions): each batch is centred on its own mean and merged with the same
+    :func:`_combine`, so large channel offsets do not cancel. Given ``dim`` it starts as zeros of that
+    width (needed by :meth:`all_reduce_` on a rank that saw no tokens); otherwise the first batch sets it.
+    """
+
+    def __init__(self, dim: int | None = None, device: torch.device | str | None = None) -> None:
+        self.count = 0
+        self.mean: Tensor | None = None
+        self.m2: Tensor | None = None
+        if dim is not None:
+            self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
+            self.m2 = torch.zeros(dim, dtype=torch.float64, device=device)
+
+    def update(self, y: Tensor) -> None:
+        """Fold in tokens ``y: [N, C]``."""
+        y = y.detach().to(torch.float64)
+        if y.shape[0] == 0:
+            return
+        mean_b = y.mean(0)
+        batch = (y.shape[0], mean_b, ((y - mean_b) ** 2).sum(0))
+        prior = None if self.mean is None else (self.count, self.mean, self.m2)
+        self.count, self.mean, self.m2 = _combine(prior, batch)
+
+    def all_reduce_(self) -> ChannelMoments:
+        """Replace local statistics by those of all ranks together (no-op without a process group);
+        exact in float64, as :meth:`StreamingMoments.all_reduce_`. Needs ``dim`` on every rank."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self
+        if self.mean is None:
+            raise ValueError("ChannelMoments.all_reduce_ needs the width: construct it with dim=C")
+        sums = torch.cat([self.mean.new_tensor([float(self.count)]), self.mean * self.count])
+        dist.all_reduce(sums)
+        n = float(sums[0])
+        if n == 0:
+            return self
+        mean = sums[1:] / n
+        m2 = self.m2 + (self.mean - mean).square() * self.count
+        dist.all_reduce(m2)
+        self.count, self.mean, self.m2 = int(n), mean, m2
+        return self
+
+    @property
+    def variance(self) -> Tensor:
+        """Population variance per channel [C]."""
+        if self.m2 is None:
+            raise ValueError("no tokens were accumulated")
+        return self.m2 / self.count
+
+    @property
+    def mean_square(self) -> Tensor:
+        """E[y²] per channel [C] (variance plus squared mean)."""
+        return self.variance + self.mean**2
+
+
+# The columns of PHI-S Table 7, in the paper's order.
+TABLE7_KEYS = (
+    "channel_mean_min",
+    "channel_mean_max",
+    "channel_std_min",
+    "channel_std_max",
+    "global_mean",
+    "global_std",
+)
+
+
+def token_moments(tokens: Tensor) -> StreamingMoments:
+    """Float64 moments of a token matrix ``[N, C]``."""
+    moments = StreamingMoments(tokens.shape[-1], torch.float64)
+    moments.update(tokens)
+    return moments
+
+
+def activation_stats(moments: StreamingMoments) -> dict[str, float]:
+    """A teacher's activation statistics (PHI-S Tables 7 and 8) from the float64 moments of its tokens.
+
+    Channel means and population stds (their ranges), the mean and population std over every value
+    (σ_g² = mean_c Var_c + Var_c(μ_c)), and the scale factors α_gs = 1/σ_g of global standardization
+    and α_phis = (tr Σ / C)^-½ of PHI-S (α_gs ≤ α_phis always).
+    """
+    if float(moments.count) == 0:
+        raise ValueError("activation statistics need at least one feature token, got none")
+    mean, var = moments.mean, moments.variance.clamp_min(0)
+    std = var.sqrt()
+    mean_var = float(var.mean())
+    global_var = mean_var + float(mean.var(unbiased=False))
+    return {
+        "feature_dim": moments.dim,
+        "tokens": int(moments.count),
+        "channel_mean_min": float(mean.min()),
+        "channel_mean_max": float(mean.max()),
+        "channel_std_min": float(std.min()),
+        "channel_std_max": float(std.max()),
+        "global_mean": float(mean.mean()),
+        "global_std": math.sqrt(global_var),
+        "alpha_gs": 1.0 / math.sqrt(global_var) if global_var > 0 else math.inf,
+        "alpha_phis": 1.0 / math.sqrt(mean_var) if mean_var > 0 else math.inf,
+    }

@@ -15,13 +15,12 @@ import os
 # OpenMP workers stall each other (training steps measured 10x slower); passive waiting costs little.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import importlib
-import importlib.util
 import logging
 import math
 import signal
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from phis.build import build_datamodule, build_module, check_resume
 from phis.data import DistillDataModule
+from phis.eval import EvalConfig, evaluate_module
 from phis.module import DistillModule
 from phis.results import (
     RESULTS_FILE,
@@ -148,73 +149,6 @@ class LastCheckpoint(Callback):
         self._save(trainer)
 
 
-def teacher_set(cfg: DictConfig) -> dict[str, dict[str, Any]]:
-    """Teacher name → teacher config of the chosen set (the name is the set's key)."""
-    teachers = OmegaConf.to_container(cfg.teachers, resolve=True) if cfg.get("teachers") else None
-    if not isinstance(teachers, dict) or not teachers:
-        raise ValueError("the teacher set is empty; choose one with teachers=<set> (see conf/teachers/)")
-    out = {}
-    for key, tcfg in teachers.items():
-        if not isinstance(tcfg, dict) or "family" not in tcfg:
-            raise ValueError(f"teachers.{key} is not a teacher config (it needs a 'family'); got {tcfg!r}")
-        out[key] = {**tcfg, "name": key}
-    return out
-
-
-def build_datamodule(cfg: DictConfig) -> DistillDataModule:
-    """Image sets of the data group plus the teacher set, served with cached targets."""
-    return DistillDataModule(
-        train=instantiate(cfg.data.train),
-        val=instantiate(cfg.data.val),
-        test=instantiate(cfg.data.test) if cfg.data.get("test") else None,
-        teachers=teacher_set(cfg),
-        batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.num_workers,
-        cache_enabled=cfg.cache.enabled,
-        cache_dir=cfg.cache.dir,
-        cache_dtype=cfg.cache.dtype,
-        cache_batch_size=cfg.cache.batch_size,
-        seed=cfg.seed,
-    )
-
-
-def build_module(cfg: DictConfig, specs: dict[str, dict[str, Any]]) -> DistillModule:
-    """The LightningModule for the chosen student, method and optimizer."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    return DistillModule(
-        teachers={n: {**s, "grid": list(s["grid"])} for n, s in specs.items()},
-        student=plain["student"],
-        normalizer=plain["normalizer"],
-        loss=plain["loss"],
-        distill=plain["distill"],
-        optim=plain["optim"],
-        max_steps=cfg.trainer.max_steps,
-        seed=cfg.seed,
-    )
-
-
-def check_resume(path: Path, module: DistillModule) -> None:
-    """Refuse to resume a checkpoint trained for other teachers, teacher widths or another student."""
-    saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["hyper_parameters"]
-    if set(saved["teachers"]) != set(module.teacher_specs):
-        raise ValueError(
-            f"cannot resume {path}: it was trained for teachers {sorted(saved['teachers'])}, this run has "
-            f"{sorted(module.teacher_specs)}; use a new output directory"
-        )
-    for n, spec in module.teacher_specs.items():
-        for key in ("feature_dim", "summary_dim"):
-            if saved["teachers"][n].get(key) != spec[key]:
-                raise ValueError(
-                    f"cannot resume {path}: teacher {n!r} has {key}={spec[key]} now but "
-                    f"{saved['teachers'][n].get(key)} in the checkpoint; use a new output directory"
-                )
-    if saved["student"] != dict(module.hparams.student):
-        raise ValueError(
-            f"cannot resume {path}: the student config differs ({saved['student']} there, "
-            f"{dict(module.hparams.student)} now); use a new output directory"
-        )
-
-
 def heldout_results(
     module: DistillModule,
     dm: DistillDataModule,
@@ -274,17 +208,6 @@ def summary_table(heldout: dict[str, dict[str, dict]], stats: dict[str, dict] | 
     return markdown_table(header, rows)
 
 
-def external_evaluation(module: DistillModule, cfg: DictConfig) -> dict[str, Any] | None:
-    """phis.eval.evaluate_module's results, when enabled and available."""
-    if not cfg.eval.enabled or importlib.util.find_spec("phis.eval") is None:
-        return None
-    evaluate = getattr(importlib.import_module("phis.eval"), "evaluate_module", None)
-    if evaluate is None:
-        log.warning("phis.eval has no evaluate_module; skipping downstream evaluation")
-        return None
-    return evaluate(module, cfg)
-
-
 def _choices() -> dict[str, Any]:
     return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
 
@@ -300,6 +223,18 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]
         return results
 
 
+@dataclass
+class FitOutcome:
+    """What fitting leaves for the report: the trained objects, where it resumed from and its timings."""
+
+    trainer: pl.Trainer
+    module: DistillModule
+    dm: DistillDataModule
+    resume: Path | None
+    cache_s: float
+    fit_s: float
+
+
 def _train(cfg: DictConfig, callbacks: Sequence[Callback], mirror: JobMirror) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     if is_finished(out):
@@ -307,10 +242,15 @@ def _train(cfg: DictConfig, callbacks: Sequence[Callback], mirror: JobMirror) ->
             "%s is finished; skipping (delete it or pick another output dir to rerun)", out / RESULTS_FILE
         )
         return read_json(out / RESULTS_FILE)
-    if cfg.eval.enabled and importlib.util.find_spec("phis.eval") is not None:
-        # A typo in the eval options fails now, not after hours of training.
-        importlib.import_module("phis.eval").EvalConfig.from_mapping(cfg.eval)
+    if cfg.eval.enabled:
+        EvalConfig.from_mapping(cfg.eval)  # a typo in the eval options fails now, not after hours of training
     atomic_write_text(out / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    return report(cfg, fit(cfg, callbacks, mirror))
+
+
+def fit(cfg: DictConfig, callbacks: Sequence[Callback], mirror: JobMirror) -> FitOutcome:
+    """Build the data, teachers and module of ``cfg`` and train (resuming from ``last.ckpt`` if present)."""
+    out = Path(cfg.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
     # Pretrained CNN teachers produce subnormal floats that make CPU inference ~3x slower; flush them.
     torch.set_flush_denormal(True)
@@ -351,8 +291,14 @@ def _train(cfg: DictConfig, callbacks: Sequence[Callback], mirror: JobMirror) ->
         if trainer.is_global_zero:
             atomic_write_json(out / RESULTS_FILE, {"status": "failed", "error": msg, "choices": _choices()})
         raise FloatingPointError(msg) from err
-    fit_s = time.perf_counter() - fit_start
+    return FitOutcome(trainer, module, dm, resume, cache_s, time.perf_counter() - fit_start)
 
+
+def report(cfg: DictConfig, fitted: FitOutcome) -> dict[str, Any]:
+    """Evaluate a fitted run (every rank takes a share), then write and log ``results.json`` on rank 0;
+    returns the results (an empty dict on the other ranks)."""
+    out = Path(cfg.output_dir)
+    trainer, module, dm = fitted.trainer, fitted.module, fitted.dm
     eval_start = time.perf_counter()
     # Lightning's teardown leaves the module on the CPU; the (unmoved) teachers are on the device.
     module.to(trainer.strategy.root_device)
@@ -368,7 +314,7 @@ def _train(cfg: DictConfig, callbacks: Sequence[Callback], mirror: JobMirror) ->
     if not trainer.is_global_zero:
         return {}
     stats = {n: c.activation_stats() for n, c in dm.caches["train"].items()} if dm.cache_enabled else None
-    external = external_evaluation(module, cfg)
+    external = evaluate_module(module, cfg) if cfg.eval.enabled else None
     steps = int(trainer.global_step)
     results: dict[str, Any] = {
         "name": cfg.name,
@@ -378,10 +324,10 @@ def _train(cfg: DictConfig, callbacks: Sequence[Callback], mirror: JobMirror) ->
         "train_fit": train_fit,
         "teacher_stats": stats,
         "steps": steps,
-        "resumed_from": str(resume) if resume else None,
+        "resumed_from": str(fitted.resume) if fitted.resume else None,
         "timing_s": {
-            "teacher_cache": round(cache_s, 2),
-            "fit": round(fit_s, 2),
+            "teacher_cache": round(fitted.cache_s, 2),
+            "fit": round(fitted.fit_s, 2),
             "evaluation": round(time.perf_counter() - eval_start, 2),
         },
         "final_train": {

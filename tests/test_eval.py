@@ -9,22 +9,7 @@ import torch
 from sklearn.metrics import jaccard_score
 from torch import nn
 
-from phis.eval import (
-    EvalConfig,
-    TeacherErrorMeter,
-    class_prompts,
-    classifier_zero_shot,
-    confusion_matrix,
-    evaluate_module,
-    knn_accuracy,
-    knn_predict,
-    linear_probe_segmentation,
-    miou,
-    rankme,
-    teacher_mse,
-    text_classifier,
-    zero_shot_accuracy,
-)
+from phis.eval import EvalConfig, evaluate_module
 from phis.evaldata import (
     ImageFolderSet,
     ade20k_set,
@@ -34,9 +19,24 @@ from phis.evaldata import (
     photo_crops_set,
     voc_set,
 )
+from phis.metrics import (
+    TeacherErrorMeter,
+    class_prompts,
+    classifier_zero_shot,
+    confusion_matrix,
+    knn_accuracy,
+    knn_predict,
+    linear_probe_segmentation,
+    miou,
+    rankme,
+    teacher_mse,
+    text_classifier,
+    zero_shot_accuracy,
+)
 from phis.teachers import TeacherOutput
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def brute_force_knn(train_x, train_y, test_x, k, temperature):
     """Reference: float64 loops over every test point."""
@@ -516,13 +516,53 @@ SMALL = {
 }
 
 
+def test_heldout_metrics_match_a_brute_force_reference() -> None:
+    """The one held-out teacher-error path against float64 arithmetic on the concatenated batches."""
+    module, teachers = tiny_module(), stand_in_teachers()
+    fit_normalizers(module, teachers)
+    batches = cached_batches(teachers)
+    res = module.heldout_metrics(batches, per_channel=True)
+    module.eval()
+    for name, spec in SPECS.items():
+        dim = spec["feature_dim"]
+        with torch.no_grad():
+            pred = torch.cat([module.predict(b["images"])[name].features for b in batches])
+            pred_n = torch.cat([module.predict_normalized(b["images"])[name].features for b in batches])
+            y = torch.cat([b["targets"][name]["features"] for b in batches])  # [B, h, w, C]
+            y_n = module.normalizers[name](y)
+        err = (pred.permute(0, 2, 3, 1).double() - y.double()).reshape(-1, dim)
+        err_n = (pred_n.permute(0, 2, 3, 1).double() - y_n.double()).reshape(-1, dim)
+        channel_mse = err.square().mean(0)
+        variance = float(y.double().reshape(-1, dim).var(0, unbiased=False).mean())
+        r = res[name]
+        assert r["tokens"] == err.shape[0]
+        torch.testing.assert_close(r["channel_mse"], channel_mse, rtol=1e-9, atol=1e-12)
+        assert r["mse_teacher"] == pytest.approx(float(channel_mse.mean()), rel=1e-9)
+        assert r["variance"] == pytest.approx(variance, rel=1e-9)
+        assert r["explained"] == pytest.approx(1 - float(channel_mse.mean()) / variance, rel=1e-9)
+        ev, ev_n = err.var(0, unbiased=False), err_n.var(0, unbiased=False)
+        assert r["error_variance_range"] == pytest.approx(float(ev.max() - ev.min()), rel=1e-6, abs=1e-12)
+        assert r["error_variance_range_normalized"] == pytest.approx(
+            float(ev_n.max() - ev_n.min()), rel=1e-6, abs=1e-12
+        )
+        if "summary" in batches[0]["targets"][name]:
+            with torch.no_grad():
+                s = torch.cat([module.predict(b["images"])[name].summary for b in batches]).double()
+            s_t = torch.cat([b["targets"][name]["summary"] for b in batches]).double()
+            cos = torch.nn.functional.cosine_similarity(s, s_t, dim=1).mean()
+            assert r["summary_cosine"] == pytest.approx(float(cos), rel=1e-9)
+        else:
+            assert r["summary_cosine"] is None
+    assert "channel_mse" not in module.heldout_metrics(batches)["sam"]
+
+
 def test_evaluate_module_end_to_end(tmp_path) -> None:
     module, teachers = tiny_module(), stand_in_teachers()
     fit_normalizers(module, teachers)
     batches = cached_batches(teachers)
     rec = evaluate_module(module, SMALL, teachers=teachers, heldout=batches, out_dir=tmp_path)
     m = rec["metrics"]
-    # teacher-space MSE agrees with the module's own, independently written held-out metric
+    # the metric names map the module's held-out metrics (checked against brute force below)
     ref = module.heldout_metrics(batches)
     for name in SPECS:
         assert m[f"tmse/{name}"] == pytest.approx(ref[name]["mse_teacher"], rel=1e-6)
@@ -639,7 +679,7 @@ def test_evaluate_module_from_a_training_config(tmp_path) -> None:
     """The end-of-training call: held-out targets from the teacher cache, teachers rebuilt from the config."""
     from omegaconf import OmegaConf
 
-    from phis.train import build_datamodule
+    from phis.build import build_datamodule
 
     pool = {"_target_": "phis.data.OfflineImagePool", "size": 32, "count": 8}
     cfg = OmegaConf.create(
@@ -688,3 +728,16 @@ def test_evaluate_module_on_a_users_image_folder(tmp_path) -> None:
     assert rec["metrics"]["knn/image_folder"] == 1.0 and rec["details"]["knn/image_folder"]["test"] == 8
     with pytest.raises(FileNotFoundError, match="image_folder_names"):
         evaluate_module(PixelStudent(blind=False), {**cfg, "image_folder_names": str(tmp_path / "none.txt")})
+
+
+def test_eval_group_lists_every_option_with_the_dataclass_default() -> None:
+    """conf/eval/default.yaml (what `--cfg job` shows) and EvalConfig's defaults are the same settings."""
+    import dataclasses
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    yaml_cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "eval" / "default.yaml")
+    assert yaml_cfg.pop("enabled") is True  # training's switch, not an EvalConfig field
+    assert EvalConfig.from_mapping(yaml_cfg) == EvalConfig()
+    assert set(yaml_cfg) == {f.name for f in dataclasses.fields(EvalConfig)}

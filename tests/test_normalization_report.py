@@ -1,12 +1,13 @@
-"""The analysis command: figures and report are written, its checks pass, and they can fail."""
+"""The normalization report (`python -m experiments.normalization_report`): figures and report are
+written, its checks pass, and they can fail."""
 
 import math
 
 import pytest
 import torch
 
-from phis import analysis
-from phis.analysis import (
+from experiments import normalization_report as report
+from experiments.normalization_report import (
     Check,
     coverage_summary,
     exact_moment_points,
@@ -57,14 +58,14 @@ def test_analysis_writes_figures_and_a_passing_report(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_cli_covers_every_teacher_width(tmp_path) -> None:
-    assert analysis.main(["--out", str(tmp_path)]) == 0
-    _assert_complete(tmp_path, analysis.TEACHER_WIDTHS)
+    assert report.main(["--out", str(tmp_path)]) == 0
+    _assert_complete(tmp_path, report.TEACHER_WIDTHS)
 
 
 def test_theorem_check_flags_a_random_orthogonal_substitute() -> None:
     gen = torch.Generator().manual_seed(1)
     c = 192
-    y = analysis.offset_features(2 * c, c, gen)
+    y = report.offset_features(2 * c, c, gen)
     norm = fit_normalizer(make_normalizer, "phi_s", y)
     assert theorem21_check(norm, y).passed
     # W = α H Uᵀ  →  α R Uᵀ, what a silent random stand-in for H produces.
@@ -129,8 +130,8 @@ def test_exact_moment_points_and_radius_profile() -> None:
 def test_reference_rule_reproduces_354() -> None:
     cov = coverage_summary()
     assert len(cov["orders"]) == 512
-    assert len(cov["reference"]) == analysis.REFERENCE_COVERAGE
+    assert len(cov["reference"]) == report.REFERENCE_COVERAGE
     assert set(cov["reference"]) < set(cov["ours"])
-    assert len(cov["ours"]) > analysis.REFERENCE_COVERAGE
+    assert len(cov["ours"]) > report.REFERENCE_COVERAGE
     assert sum(cov["families"].values()) == len(cov["ours"])
     assert 668 in cov["missing"] and 52 not in cov["reference"] and 52 in cov["ours"]

@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from phis.data import OfflineImagePool
-from phis.shards import HeldoutImages, ShardStream, expand_urls, heldout_set
+from phis.data import OfflineImagePool, heldout_set
+from phis.shards import HeldoutImages, ShardStream, expand_urls
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_SHARD = 6
@@ -245,7 +245,7 @@ def test_data_webdataset_composes_a_streaming_run(shard_dir: Path, tmp_path: Pat
     cfg = make_cfg(tmp_path, shard_dir)
     assert cfg.cache.enabled is False and cfg.distill.normalizer_fit == "schedule"
     assert cfg.data.train._target_ == "phis.shards.ShardStream" and cfg.data.train.batch_size == 4
-    from phis.train import build_datamodule
+    from phis.build import build_datamodule
 
     dm = build_datamodule(cfg)
     assert dm.streaming and dm.sets["val"].name == "heldout" and len(dm.sets["val"]) == 6

@@ -4,6 +4,8 @@ The float64-product path (``dtype=torch.float64``) is held to ~1e-11; the defaul
 to 1e-6 of max |Σ|, on the same data where the naive float32 formula is off by orders of magnitude more.
 """
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from phis.normalizers import make_normalizer
-from phis.stats import StreamingMoments
+from phis.stats import TABLE7_KEYS, ChannelMoments, StreamingMoments, activation_stats, token_moments
 
 F64 = torch.float64
 
@@ -224,6 +226,41 @@ def test_merge_and_reset_and_state_dict():
         a.merge_(StreamingMoments(3))
 
 
+def test_channel_moments_match_two_pass_reference_on_offsets():
+    """Per-channel moments merged over uneven batches, on ±60 offsets where E[y²] − E[y]² in float32 fails."""
+    y = sam_like(3001, 7, seed=3)
+    ref_mean, ref_cov = reference(y)
+    m = ChannelMoments()
+    for part in y.split([1, 0, 1500, 1500]):
+        m.update(part)
+    assert m.count == 3001
+    np.testing.assert_allclose(m.mean.numpy(), ref_mean, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(m.variance.numpy(), np.diag(ref_cov), rtol=1e-10)
+    np.testing.assert_allclose(m.mean_square.numpy(), np.diag(ref_cov) + ref_mean**2, rtol=1e-10)
+    with pytest.raises(ValueError, match="no tokens"):
+        _ = ChannelMoments().variance
+
+
+def test_activation_stats_against_numpy_and_closed_form_alphas():
+    y = sam_like(2000, 9, seed=4)
+    ref = y.double().numpy()
+    s = activation_stats(token_moments(y))
+    assert set(TABLE7_KEYS) <= set(s) and s["tokens"] == 2000 and s["feature_dim"] == 9
+    assert s["global_mean"] == pytest.approx(ref.mean(), rel=1e-12)
+    assert s["global_std"] == pytest.approx(ref.std(), rel=1e-10)
+    assert s["channel_mean_min"] == pytest.approx(ref.mean(0).min(), rel=1e-12)
+    assert s["channel_mean_max"] == pytest.approx(ref.mean(0).max(), rel=1e-12)
+    assert s["channel_std_min"] == pytest.approx(ref.std(0).min(), rel=1e-10)
+    assert s["channel_std_max"] == pytest.approx(ref.std(0).max(), rel=1e-10)
+    assert s["alpha_gs"] == pytest.approx(1 / ref.std(), rel=1e-10)
+    assert s["alpha_phis"] == pytest.approx(ref.var(0).mean() ** -0.5, rel=1e-10)
+    assert s["alpha_gs"] <= s["alpha_phis"]
+    constant = activation_stats(token_moments(torch.full((5, 3), 2.0)))
+    assert constant["global_std"] == 0 and math.isinf(constant["alpha_phis"])
+    with pytest.raises(ValueError, match="at least one feature token"):
+        activation_stats(StreamingMoments(4))
+
+
 def test_all_reduce_without_process_group_is_noop():
     m = feed(sam_like(50, 3, seed=8), [50])
     before = m.m2.clone()
@@ -252,8 +289,13 @@ def _dist_worker(rank: int, init: str, out_dir: str) -> None:
         local_count = norm.stats.count.clone()
         m.all_reduce_()
         torch.save(
-            {"count": m.count, "mean": m.mean, "cov": m.covariance, "weight": norm.weight,
-             "local_count": local_count},
+            {
+                "count": m.count,
+                "mean": m.mean,
+                "cov": m.covariance,
+                "weight": norm.weight,
+                "local_count": local_count,
+            },
             f"{out_dir}/rank{rank}.pt",
         )
     finally:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import yaml
 
 from phis.hadamard import is_constructible
+from phis.stats import StreamingMoments, activation_stats
 from phis.teachers import (
     _FAMILY_CLASSES,
     TEACHER_FAMILIES,
@@ -21,7 +22,6 @@ from phis.teachers import (
     WeightsUnavailableError,
     build_teacher,
     hub_offline,
-    teacher_stats,
 )
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "teachers" / "teacher"
@@ -358,6 +358,14 @@ def test_efficientnet_lite_taps():
     torch.testing.assert_close(stage4(images).features, ref4[0])
     assert (stage4.feature_dim, stage4.patch_size, stage4.grid) == (112, 16, 15)
     assert (head.feature_dim, head.patch_size, head.grid) == (1280, 32, 8)  # TF 'same' padding: 240 / 32 -> 8
+
+
+def teacher_stats(teacher: Teacher, images: torch.Tensor, batch_size: int = 16) -> dict[str, float]:
+    """PHI-S Table 7 statistics of a teacher's spatial features over ``images``, batch by batch."""
+    moments = StreamingMoments(teacher.feature_dim, torch.float64)
+    for start in range(0, images.shape[0], batch_size):
+        moments.update(teacher(images[start : start + batch_size]).features.movedim(1, -1))
+    return activation_stats(moments)
 
 
 def test_offline_set_statistics_differ_like_the_papers_teachers():

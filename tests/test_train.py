@@ -148,14 +148,14 @@ def test_uncached_teachers_run_every_step(tmp_path, cache_dir) -> None:
 @pytest.mark.parametrize("split", ["val", "test"])
 def test_end_of_training_evaluation_measures_the_chosen_split(split: str, tmp_path, cache_dir) -> None:
     """phis.eval's teacher MSE (its own loader and meter) equals training's own held-out numbers."""
-    off = ["eval.enabled=true", "+eval.knn_sets=[]", "+eval.seg_sets=[]", "+eval.zero_shot=false"]
-    res = train(make_cfg(tmp_path, cache_dir, "trainer.max_steps=4", *off, f"+eval.heldout_split={split}"))
+    off = ["eval.enabled=true", "eval.knn_sets=[]", "eval.seg_sets=[]", "eval.zero_shot=false"]
+    res = train(make_cfg(tmp_path, cache_dir, "trainer.max_steps=4", *off, f"eval.heldout_split={split}"))
     assert res["eval"]["details"]["tmse"] == {"heldout": split}
     for teacher, r in res["heldout"][split].items():
         assert res["eval"]["metrics"][f"tmse/{teacher}"] == pytest.approx(r["mse_teacher"], rel=1e-5)
         assert res["eval"]["metrics"][f"tmse_explained/{teacher}"] == pytest.approx(r["explained"], abs=1e-5)
     with pytest.raises(ValueError, match=r"heldout_split 'train'.*\('auto', 'test', 'val'\)"):
-        train(make_cfg(tmp_path / "bad", cache_dir, "trainer.max_steps=1", *off, "+eval.heldout_split=train"))
+        train(make_cfg(tmp_path / "bad", cache_dir, "trainer.max_steps=1", *off, "eval.heldout_split=train"))
     assert not (tmp_path / "bad").exists()  # refused before anything ran or was written
 
 
@@ -321,7 +321,7 @@ def test_ddp_on_two_cpu_ranks_fits_normalizers_on_every_rank_s_tokens(tmp_path, 
     assert res["status"] == "finished" and res["steps"] == 4
     state = final_state(run)
     cfg = make_cfg(run, cache_dir, *(o for o in overrides if o.startswith(("distill", "method"))))
-    from phis.train import build_datamodule
+    from phis.build import build_datamodule
 
     dm = build_datamodule(cfg)
     for name in ("clip", "dinov2"):

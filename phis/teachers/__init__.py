@@ -177,34 +177,3 @@ def build_teacher(cfg: Mapping) -> Teacher:
             f"valid keys: family, {', '.join(accepted)}"
         )
     return cls(**kwargs)
-
-
-def teacher_stats(teacher: Teacher, images: Tensor, batch_size: int = 16) -> dict[str, float | int | str]:
-    """Activation statistics of a teacher's spatial features over `images` [N, 3, H, W] (PHI-S Table 7).
-
-    Channel statistics are over all tokens of all images; the global ones over every element.
-    """
-    device = teacher.mean.device
-    count, total, total_sq = 0, 0.0, 0.0
-    for start in range(0, images.shape[0], batch_size):
-        feats = teacher(images[start : start + batch_size].to(device)).features  # [B, C, h, w]
-        y = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).double()  # [tokens, C]
-        total = total + y.sum(0)
-        total_sq = total_sq + (y * y).sum(0)
-        count += y.shape[0]
-    ch_mean = total / count
-    # E[y^2] - E[y]^2 in float64; fine at these magnitudes (values <~1e3, counts <~1e7)
-    ch_var = (total_sq / count - ch_mean**2).clamp_min(0)
-    glob_mean = ch_mean.mean()
-    glob_var = (total_sq.sum() / (count * ch_mean.numel()) - glob_mean**2).clamp_min(0)
-    return {
-        "teacher": teacher.name,
-        "feature_dim": int(ch_mean.numel()),
-        "tokens": int(count),
-        "channel_mean_min": float(ch_mean.min()),
-        "channel_mean_max": float(ch_mean.max()),
-        "channel_std_min": float(ch_var.sqrt().min()),
-        "channel_std_max": float(ch_var.sqrt().max()),
-        "global_mean": float(glob_mean),
-        "global_std": float(glob_var.sqrt()),
-    }

@@ -1,0 +1,85 @@
+"""Builders from a Hydra training config to the objects of a run: the teacher set, the data module, the
+LightningModule, and the check that a checkpoint may be resumed by it.
+
+Training, evaluation, the experiment drivers and the benchmarks all build through here, so a config
+means the same objects everywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from phis.data import DistillDataModule
+from phis.module import DistillModule
+
+
+def teacher_set(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """Teacher name → teacher config of the chosen set (the name is the set's key)."""
+    teachers = OmegaConf.to_container(cfg.teachers, resolve=True) if cfg.get("teachers") else None
+    if not isinstance(teachers, dict) or not teachers:
+        raise ValueError("the teacher set is empty; choose one with teachers=<set> (see conf/teachers/)")
+    out = {}
+    for key, tcfg in teachers.items():
+        if not isinstance(tcfg, dict) or "family" not in tcfg:
+            raise ValueError(f"teachers.{key} is not a teacher config (it needs a 'family'); got {tcfg!r}")
+        out[key] = {**tcfg, "name": key}
+    return out
+
+
+def build_datamodule(cfg: DictConfig) -> DistillDataModule:
+    """Image sets of the data group plus the teacher set, served with cached targets."""
+    return DistillDataModule(
+        train=instantiate(cfg.data.train),
+        val=instantiate(cfg.data.val),
+        test=instantiate(cfg.data.test) if cfg.data.get("test") else None,
+        teachers=teacher_set(cfg),
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+        cache_enabled=cfg.cache.enabled,
+        cache_dir=cfg.cache.dir,
+        cache_dtype=cfg.cache.dtype,
+        cache_batch_size=cfg.cache.batch_size,
+        seed=cfg.seed,
+    )
+
+
+def build_module(cfg: DictConfig, specs: dict[str, dict[str, Any]]) -> DistillModule:
+    """The LightningModule for the chosen student, method and optimizer."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    return DistillModule(
+        teachers={n: {**s, "grid": list(s["grid"])} for n, s in specs.items()},
+        student=plain["student"],
+        normalizer=plain["normalizer"],
+        loss=plain["loss"],
+        distill=plain["distill"],
+        optim=plain["optim"],
+        max_steps=cfg.trainer.max_steps,
+        seed=cfg.seed,
+    )
+
+
+def check_resume(path: Path, module: DistillModule) -> None:
+    """Refuse to resume a checkpoint trained for other teachers, teacher widths or another student."""
+    saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["hyper_parameters"]
+    if set(saved["teachers"]) != set(module.teacher_specs):
+        raise ValueError(
+            f"cannot resume {path}: it was trained for teachers {sorted(saved['teachers'])}, this run has "
+            f"{sorted(module.teacher_specs)}; use a new output directory"
+        )
+    for n, spec in module.teacher_specs.items():
+        for key in ("feature_dim", "summary_dim"):
+            if saved["teachers"][n].get(key) != spec[key]:
+                raise ValueError(
+                    f"cannot resume {path}: teacher {n!r} has {key}={spec[key]} now but "
+                    f"{saved['teachers'][n].get(key)} in the checkpoint; use a new output directory"
+                )
+    if saved["student"] != dict(module.hparams.student):
+        raise ValueError(
+            f"cannot resume {path}: the student config differs ({saved['student']} there, "
+            f"{dict(module.hparams.student)} now); use a new output directory"
+        )
