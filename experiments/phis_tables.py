@@ -20,13 +20,20 @@ import itertools
 import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from phis.ranks import RankTable, metric_group, rank_table
-from phis.results import atomic_write_text, collect_results, mean_std, write_table
+from phis.results import (
+    atomic_write_json,
+    atomic_write_text,
+    collect_results,
+    mean_std,
+    read_json,
+    write_table,
+)
 from phis.stats import TABLE7_KEYS
 
 REFERENCE = Path(__file__).resolve().parent / "reference"
@@ -65,6 +72,8 @@ LABELS = {
 EXPERIMENTS = ("phis_methods", "phis_analyses")
 PROFILES = ("smoke", "mini", "paper")
 MAX_TOKENS = 20000  # teacher tokens per teacher for the eigen-analyses (subsampled evenly)
+SAMPLE_IMAGES = 1024  # without a teacher cache: the training images the teacher-feature sample is drawn from
+MISSING_FILE = "missing.json"  # why a table or figure of the index was not made
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -403,6 +412,7 @@ def error_variance_outputs(grouped: Mapping[str, Sequence[Run]], out: Path) -> P
     """Table 5 from the runs' ``err_var_range[_norm]/<teacher>`` metrics, beside the paper's."""
     teachers = teacher_names(grouped)
     if not any(f"err_var_range/{t}" in r.metrics for rs in grouped.values() for r in rs for t in teachers):
+        note_missing(out, "table5_error_variance", "no run has err_var_range metrics (eval.teacher_mse off)")
         return None
     with open(REFERENCE / "phis_table5_error_variance_range.csv") as f:
         ref_rows = {(r["method"], r["space"]): r for r in csv.DictReader(f)}
@@ -431,6 +441,7 @@ def rankme_outputs(grouped: Mapping[str, Sequence[Run]], out: Path) -> Path | No
         dict.fromkeys(k for rs in grouped.values() for r in rs for k in r.metrics if k.startswith("rankme/"))
     )
     if not keys:
+        note_missing(out, "table6_rankme", "no run has rankme metrics (no eval.knn_sets)")
         return None
     rows = [
         [LABELS.get(m, m)] + [fmt([r.metrics.get(k, math.nan) for r in rs]) for k in keys]
@@ -447,10 +458,26 @@ def rankme_outputs(grouped: Mapping[str, Sequence[Run]], out: Path) -> Path | No
     )
 
 
-def teacher_stats_outputs(runs: Sequence[Run], out: Path) -> list[Path]:
-    """Tables 7 and 8 from a run's ``teacher_stats`` (the training-set cache moments), paper rows beside."""
+def teacher_stats_outputs(
+    runs: Sequence[Run], out: Path, sampled: Callable[[], Mapping[str, Any]] | None = None
+) -> list[Path]:
+    """Tables 7 and 8 from a run's ``teacher_stats`` (the training-set cache moments), paper rows beside;
+    without a cache, from ``sampled()``: teacher tokens of a capped training sample (``teacher_features``)."""
     stats = next((r.results["teacher_stats"] for r in runs if r.results.get("teacher_stats")), None)
+    source = "Over all training-set feature tokens (float64 moments of the teacher cache)."
+    if not stats and sampled is not None:
+        from phis.stats import activation_stats, token_moments
+
+        feats = sampled()
+        stats = {n: activation_stats(token_moments(y)) for n, y in feats.items()}
+        count = sum(int(s["tokens"]) for s in stats.values()) // max(len(stats), 1)
+        source = (
+            f"The runs kept no teacher cache: over about {count:,} feature tokens per teacher, evenly"
+            " spaced over a capped sample of the training images (float64 moments)."
+        )
     if not stats:
+        note_missing(out, "table7_teacher_stats", "no run recorded teacher statistics")
+        note_missing(out, "table8_alpha", "no run recorded teacher statistics")
         return []
     cols7 = list(TABLE7_KEYS)
     ref7 = paper_rows("phis_table7_teacher_stats")
@@ -462,8 +489,7 @@ def teacher_stats_outputs(runs: Sequence[Run], out: Path) -> list[Path]:
         ["teacher", *cols7],
         rows,
         "Table 7: teacher activation statistics",
-        "Over all training-set feature tokens (float64 moments of the teacher cache)."
-        " Paper rows: PHI-S Table 7.",
+        source + " Paper rows: PHI-S Table 7.",
     )
     ref8 = paper_rows("phis_table8_alpha")
     rows = [[f"ours: {t}", f"{s['alpha_gs']:.4g}", f"{s['alpha_phis']:.4g}"] for t, s in stats.items()]
@@ -486,15 +512,32 @@ def _train_config(run_dir: Path) -> Any:
 
 
 def teacher_features(run_dir: Path) -> dict[str, Any]:
-    """Training-set teacher feature tokens ``[N, C]`` (float32, ≤ MAX_TOKENS, evenly spaced) per teacher."""
+    """Training-set teacher feature tokens ``[N, C]`` (float32, ≤ MAX_TOKENS, evenly spaced) per teacher.
+
+    From the run's teacher cache (rebuilt if missing); a run without one (``cache.enabled=false``) runs
+    its teachers on evenly spaced images among the first ``SAMPLE_IMAGES`` training images instead.
+    """
     import numpy as np
     import torch
 
     from phis.build import build_datamodule
 
     dm = build_datamodule(_train_config(run_dir))
-    dm.prepare_data()  # a cache entry deleted (or re-keyed) since training is rebuilt by its teacher
     feats = {}
+    if not dm.cache_enabled:
+        data = dm.dataset("train", SAMPLE_IMAGES)
+        for name, spec in dm.teacher_specs().items():
+            h, w = spec["grid"]
+            picks = np.unique(
+                np.linspace(0, len(data) - 1, max(1, MAX_TOKENS // (h * w))).round().astype(int)
+            )
+            images = torch.stack([data[int(i)]["images"] for i in picks])
+            teacher = dm.teacher(name)
+            with torch.inference_mode():
+                out = [teacher(b).features.float() for b in images.split(dm.cache_batch_size)]
+            feats[name] = torch.cat(out).permute(0, 2, 3, 1).reshape(-1, out[0].shape[1]).clone()
+        return feats
+    dm.prepare_data()  # a cache entry deleted (or re-keyed) since training is rebuilt by its teacher
     for name, cache in dm.caches["train"].items():
         arr = cache.features  # [N, h, w, C], memory-mapped
         per_image = arr.shape[1] * arr.shape[2]
@@ -513,7 +556,8 @@ def channel_losses(run_dir: Path) -> dict[str, Any]:
     dm = build_datamodule(_train_config(run_dir))
     dm.prepare_data()
     split = "test" if "test" in dm.sets else "val"
-    metrics = module.heldout_metrics(dm.heldout_dataloader(split), per_channel=True)
+    teachers = None if dm.cache_enabled else dm.teacher  # no stored targets: run the teachers
+    metrics = module.heldout_metrics(dm.heldout_dataloader(split), teachers=teachers, per_channel=True)
     return {n: r["channel_mse"] for n, r in metrics.items()}
 
 
@@ -538,6 +582,7 @@ def loss_curve_outputs(first: Mapping[str, Run], out: Path) -> list[Path]:
 
     curves = {LABELS.get(m, m): path for m, r in first.items() if (path := metrics_csv(r.dir)) is not None}
     if not curves:
+        note_missing(out, "fig3_loss_curves", "no run wrote a metrics CSV (logger=csv)")
         return []
     rows = analyses.loss_curves(curves, out / "fig3_loss_curves.png", smooth=5)
     analyses.write_rows(
@@ -546,11 +591,10 @@ def loss_curve_outputs(first: Mapping[str, Run], out: Path) -> list[Path]:
     return [out / "fig3_loss_curves.png"]
 
 
-def teacher_feature_outputs(ref: Run, out: Path) -> list[Path]:
-    """Table 9 and Figs. 1, 2 from the teacher features cached for ``ref`` (rebuilt if missing)."""
+def teacher_feature_outputs(ref: Run, out: Path, feats: Mapping[str, Any]) -> list[Path]:
+    """Table 9 and Figs. 1, 2 from ``ref``'s teacher features (``teacher_features(ref.dir)``)."""
     from experiments import paper_analyses as analyses
 
-    feats = teacher_features(ref.dir)
     rows = analyses.hadamard_alignment_table(feats)
     table9 = _write(
         out,
@@ -562,7 +606,7 @@ def teacher_feature_outputs(ref: Run, out: Path) -> list[Path]:
         " U from each teacher's training-set feature covariance.",
     )
     analyses.activation_stats_table(feats, out / "fig2_activation_histograms.png")
-    norms = {n: ref_normalizer(ref.dir, n) for n in feats}
+    norms = {n: ref_normalizer(ref.dir, n, feats[n]) for n in feats}
     rows = analyses.pca_before_after(feats, norms, out / "fig1_pca_before_after.png")
     analyses.write_rows(out / "fig1_pca", rows, title="Fig. 1: std along the top-2 PCs before/after PHI-S")
     return [table9, out / "fig1_pca_before_after.png", out / "fig2_activation_histograms.png"]
@@ -578,6 +622,7 @@ def channel_loss_outputs(first: Mapping[str, Run], out: Path) -> list[Path]:
             for teacher, v in channel_losses(r.dir).items():
                 losses.setdefault(teacher, {})[LABELS.get(m, m)] = v
     if not losses:
+        note_missing(out, "fig9_channel_loss_histograms", "no run kept its final checkpoint")
         return []
     rows = analyses.channel_loss_histograms(losses, out / "fig9_channel_loss_histograms.png")
     analyses.write_rows(out / "fig9_channel_losses", rows, title="Fig. 9: per-channel held-out teacher MSE")
@@ -598,10 +643,18 @@ def aggregate_analyses(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike)
         for p in (error_variance_outputs(grouped, out), rankme_outputs(by_method(runs, METHODS_12), out))
         if p
     ]
-    written += teacher_stats_outputs(runs, out)
     first = {m: min(rs, key=lambda r: r.seed) for m, rs in grouped.items()}  # lowest seed per method
+    ref = first.get("phi_s") or next(iter(first.values()))
+    feats: dict[str, Any] = {}
+
+    def sampled() -> dict[str, Any]:  # teacher tokens of the reference run, computed once
+        if not feats:
+            feats.update(teacher_features(ref.dir))
+        return feats
+
+    written += teacher_stats_outputs(runs, out, sampled)
     written += loss_curve_outputs(first, out)
-    written += teacher_feature_outputs(first.get("phi_s") or next(iter(first.values())), out)
+    written += teacher_feature_outputs(ref, out, sampled())
     written += channel_loss_outputs(first, out)
     written.append(write_index(out))
     for path in written:
@@ -609,14 +662,15 @@ def aggregate_analyses(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike)
     return written
 
 
-def ref_normalizer(run_dir: Path, teacher: str) -> Any:
-    """The PHI-S transform of ``teacher`` fitted on the run's training cache (for Fig. 1)."""
+def ref_normalizer(run_dir: Path, teacher: str, sample: Any) -> Any:
+    """The PHI-S transform of ``teacher`` fitted on the run's training cache (for Fig. 1), or on the
+    ``sample`` tokens ``[N, C]`` when the run kept no cache."""
     from phis.build import build_datamodule
     from phis.normalizers import make_normalizer
 
-    cache = build_datamodule(_train_config(run_dir)).caches["train"][teacher]
-    norm = make_normalizer("phi_s", cache.meta["feature_dim"])
-    for y in cache.feature_batches():
+    dm = build_datamodule(_train_config(run_dir))
+    norm = make_normalizer("phi_s", sample.shape[-1])
+    for y in dm.caches["train"][teacher].feature_batches() if dm.cache_enabled else [sample]:
         norm.update(y)
     norm.fit()
     return norm
@@ -645,6 +699,13 @@ INDEX_FILES = {
 }
 
 
+def note_missing(out: Path, stem: str, why: str) -> None:
+    """Record why ``stem`` (a table or figure of the index) was not made; the index lists it."""
+    path = Path(out) / MISSING_FILE
+    reasons = read_json(path) if path.is_file() else {}
+    atomic_write_json(path, {**reasons, stem: why})
+
+
 def write_index(out_dir: str | os.PathLike) -> Path:
     """``README.md`` in ``out_dir``: a link per table/figure present and the metric groups that were run."""
     out = Path(out_dir)
@@ -658,6 +719,16 @@ def write_index(out_dir: str | os.PathLike) -> Path:
             if (out / f"{stem}{ext}").is_file():
                 extra = f" ([csv]({stem}.csv))" if (out / f"{stem}.csv").is_file() else ""
                 lines.append(f"| [{stem}{ext}]({stem}{ext}){extra} | {what} |")
+    missing = [
+        stem for stem in INDEX_FILES if not any((out / f"{stem}{e}").is_file() for e in (".md", ".png"))
+    ]
+    if missing:
+        why = read_json(out / MISSING_FILE) if (out / MISSING_FILE).is_file() else {}
+        lines += ["", "Not made here:", ""]
+        lines += [
+            f"- {stem}: {why.get(stem, 'its experiment did not run or has no finished runs')}"
+            for stem in missing
+        ]
     rank_md = out / "table12_ranks.md"
     if rank_md.is_file():
         used = [ln[2:] for ln in rank_md.read_text().splitlines() if ln.startswith("- ")]

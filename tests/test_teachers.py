@@ -433,3 +433,18 @@ def test_missing_weights_fail_at_once_naming_the_key(config):
 def test_missing_local_checkpoint_names_key():
     with pytest.raises(FileNotFoundError, match="'lite'.*checkpoint='/nonexistent/lite0.pth'"):
         build_teacher({"family": "efficientnet_lite", "name": "lite", "checkpoint": "/nonexistent/lite0.pth"})
+
+
+@pytest.mark.parametrize("name", ["tiny_sam", "tiny_timm_cnn"])
+def test_random_weights_are_the_same_at_every_build_and_leave_the_callers_rng(name):
+    """A rebuilt random teacher (a resumed run, the analyses of a run without a cache) is the same one."""
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = build_teacher(cfg(name))
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's stream did not move
+    b = build_teacher(cfg(name))
+    for (key, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), key
+    other = build_teacher({**cfg(name), "name": "another"})
+    assert any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), other.state_dict().values()))

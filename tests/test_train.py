@@ -145,6 +145,37 @@ def test_uncached_teachers_run_every_step(tmp_path, cache_dir) -> None:
     assert res["heldout"]["val"]["dinov2"]["variance"] > 0
 
 
+def test_paper_analyses_work_without_a_teacher_cache(tmp_path, cache_dir) -> None:
+    """cache.enabled=false (the paper profile's setting): Tables 7-9 and Figs. 1, 2, 9 come from the
+    teachers on a capped training sample, and the index says why each missing table is missing."""
+    from experiments import phis_tables
+    from phis.stats import activation_stats, token_moments
+
+    run = tmp_path / "sweep" / "phi_s" / "seed_0"
+    off = ["eval.enabled=true", "eval.knn_sets=[]", "eval.seg_sets=[]", "eval.zero_shot=false"]
+    cacheless = ["cache.enabled=false", "distill.normalizer_fit=schedule", "trainer.max_steps=4"]
+    assert train(make_cfg(run, cache_dir, *cacheless, *off))["teacher_stats"] is None
+    out = tmp_path / "tables"
+    phis_tables.aggregate_analyses(tmp_path / "sweep", out)
+    tables = ("table5_error_variance", "table7_teacher_stats", "table8_alpha", "table9_hadamard_alignment")
+    for stem in tables:
+        assert (out / f"{stem}.md").is_file(), stem
+    for fig in ("fig1_pca_before_after", "fig2_activation_histograms", "fig3_loss_curves"):
+        assert (out / f"{fig}.png").is_file(), fig
+    assert (out / "fig9_channel_loss_histograms.png").is_file()  # the teachers ran on the held-out split
+    table7 = (out / "table7_teacher_stats.csv").read_text().splitlines()
+    assert "kept no teacher cache" in (out / "table7_teacher_stats.md").read_text()
+    sample = phis_tables.teacher_features(run)  # the same deterministic sample, recomputed
+    for name, y in sample.items():
+        row = next(r.split(",") for r in table7 if r.startswith(f"ours: {name},"))
+        expected = activation_stats(token_moments(y))["global_std"]
+        assert float(row[-1]) == pytest.approx(expected, rel=1e-3), name  # printed to 4 digits
+    index = (out / "README.md").read_text()
+    assert "Not made here:" in index and "- table6_rankme: no run has rankme metrics" in index
+    assert "- table1_ranks: its experiment did not run" in index
+    assert "[table7_teacher_stats.md]" in index
+
+
 @pytest.mark.parametrize("split", ["val", "test"])
 def test_end_of_training_evaluation_measures_the_chosen_split(split: str, tmp_path, cache_dir) -> None:
     """phis.eval's teacher MSE (its own loader and meter) equals training's own held-out numbers."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -176,4 +177,9 @@ def build_teacher(cfg: Mapping) -> Teacher:
             f"teacher '{kwargs['name']}' ({family}): unknown config keys {unknown}; "
             f"valid keys: family, {', '.join(accepted)}"
         )
-    return cls(**kwargs)
+    # Weights not loaded from a checkpoint (tiny, random_init, pretrained=false, new heads) are drawn
+    # from a seed of the teacher's name: every build (training, a resumed run, the analyses, another
+    # process) gets the same teacher, and the caller's random stream is left alone.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(zlib.crc32(f"{family}/{kwargs['name']}".encode()))
+        return cls(**kwargs)
