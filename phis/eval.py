@@ -27,8 +27,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from phis.build import build_datamodule, teacher_set
 from phis.evaldata import (
     CLASSIFICATION_SETS,
+    PROMPT_SETS,
     SEGMENTATION_SETS,
     classification_set,
+    imagenet_class_names,
+    prompt_templates,
     segmentation_set,
 )
 from phis.metrics import (
@@ -77,9 +80,14 @@ class EvalConfig:
     zero_shot: bool = True
     zero_shot_images: int | None = 256  # evenly spaced test images per set (teachers run on each)
     templates: tuple[str, ...] = (DEFAULT_TEMPLATE,)
+    # A named prompt ensemble (phis.evaldata.PROMPT_SETS) used instead of templates; with imagenet_labels
+    # the default is openai_imagenet (CLIP's 80 prompts), as the papers' ImageNet zero-shot.
+    prompt_set: str | None = None
     image_folder_root: str | None = None  # root/train and root/test (or val) class folders
     image_folder_names: str | None = None  # text file, one class name per line in sorted-folder order
-    imagenet_labels: bool = False  # image_folder classes are all of ImageNet-1k in standard order
+    # image_folder classes are all of ImageNet-1k in standard order: labels are the classifier heads'
+    # indices, and the prompts use the readable class names (unless image_folder_names is given)
+    imagenet_labels: bool = False
     ade20k_root: str | None = None
     voc_root: str | None = None
     jsonl: str = "eval.jsonl"
@@ -100,6 +108,10 @@ class EvalConfig:
         if out.heldout_split not in HELDOUT_SPLITS:
             raise ValueError(
                 f"unknown eval.heldout_split {out.heldout_split!r}; choose one of {HELDOUT_SPLITS}"
+            )
+        if out.prompt_set is not None and out.prompt_set not in PROMPT_SETS:
+            raise ValueError(
+                f"unknown eval.prompt_set {out.prompt_set!r}; choose one of {PROMPT_SETS} or null"
             )
         bad = [s for s in out.knn_sets if s not in CLASSIFICATION_SETS]
         bad += [s for s in out.seg_sets if s not in SEGMENTATION_SETS]
@@ -236,7 +248,7 @@ def _zero_shot(
     student = _summaries(lambda x: module.predict(x)[name].summary, data, ecfg.batch_size, dev)
     own = _summaries(lambda x: teacher(x).summary, data, ecfg.batch_size, dev)
     if getattr(teacher, "has_text", False):
-        text = text_classifier(teacher.encode_text, test.class_names, ecfg.templates).cpu()
+        text = text_classifier(teacher.encode_text, test.class_names, prompts(ecfg, set_name)).cpu()
         return {
             f"zero_shot/{name}/{set_name}": zero_shot_accuracy(student, text, labels),
             f"teacher_zero_shot/{name}/{set_name}": zero_shot_accuracy(own, text, labels),
@@ -258,13 +270,24 @@ def _set_root(ecfg: EvalConfig, name: str) -> str | None:
 
 
 def _class_names(ecfg: EvalConfig) -> list[str] | None:
-    """Readable class names for zero-shot prompts on an image folder (folder names otherwise)."""
+    """Readable class names for zero-shot prompts on an image folder: the eval.image_folder_names file,
+    else ImageNet-1k's with eval.imagenet_labels, else None (the folder names)."""
     if ecfg.image_folder_names is None:
-        return None
+        return imagenet_class_names() if ecfg.imagenet_labels else None
     path = Path(ecfg.image_folder_names)
     if not path.is_file():
         raise FileNotFoundError(f"eval.image_folder_names={path} does not exist")
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def prompts(ecfg: EvalConfig, set_name: str) -> tuple[str, ...]:
+    """The prompt templates of zero-shot on ``set_name``: eval.prompt_set's ensemble if set; CLIP's
+    80-prompt ImageNet ensemble on an ImageNet image folder; else eval.templates."""
+    if ecfg.prompt_set is not None:
+        return prompt_templates(ecfg.prompt_set)
+    if set_name == "image_folder" and ecfg.imagenet_labels:
+        return prompt_templates("openai_imagenet")
+    return ecfg.templates
 
 
 def _capped(data: Dataset, limit: int | None) -> Dataset:

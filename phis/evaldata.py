@@ -416,3 +416,28 @@ def segmentation_set(
             raise ValueError(f"{name} needs root=<dataset folder>; see phis.evaldata for the expected layout")
         return (ade20k_set if name == "ade20k" else voc_set)(root, split, size)
     raise ValueError(f"unknown segmentation set {name!r}; choose one of {SEGMENTATION_SETS}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# ImageNet-1k class names and prompt ensembles for zero-shot classification
+
+PROMPT_SETS = ("openai_imagenet", "simple_imagenet")  # CLIP's 80-prompt ensemble, its 7-prompt subset
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1,000 ImageNet-1k class names in the standard index order (readable names for prompts, e.g.
+    "great white shark" for n01484850), from the ``open_clip`` package's zero-shot metadata."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    return list(IMAGENET_CLASSNAMES)
+
+
+def prompt_templates(name: str) -> tuple[str, ...]:
+    """A named prompt ensemble as ``{c}`` templates: ``openai_imagenet`` (the 80 prompts CLIP's authors
+    used on ImageNet) or ``simple_imagenet`` (7 of them), from the ``open_clip`` package."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
+    sets = {"openai_imagenet": OPENAI_IMAGENET_TEMPLATES, "simple_imagenet": SIMPLE_IMAGENET_TEMPLATES}
+    if name not in sets:
+        raise ValueError(f"unknown prompt set {name!r}; choose one of {PROMPT_SETS}")
+    return tuple(template("{c}") for template in sets[name])

@@ -741,3 +741,33 @@ def test_eval_group_lists_every_option_with_the_dataclass_default() -> None:
     assert yaml_cfg.pop("enabled") is True  # training's switch, not an EvalConfig field
     assert EvalConfig.from_mapping(yaml_cfg) == EvalConfig()
     assert set(yaml_cfg) == {f.name for f in dataclasses.fields(EvalConfig)}
+
+
+def test_imagenet_class_names_and_prompt_ensembles(tmp_path) -> None:
+    from phis.eval import _class_names, prompts
+    from phis.evaldata import PROMPT_SETS, imagenet_class_names, prompt_templates
+
+    names = imagenet_class_names()
+    # the standard index order: n01440764 tench, n01443537 goldfish, n01484850 great white shark, ...
+    assert len(names) == 1000 and len(set(names)) == 998  # "missile" and "sunglasses" name two synsets each
+    assert names[:3] == ["tench", "goldfish", "great white shark"] and names[-1] == "toilet paper"
+    ensembles = {name: prompt_templates(name) for name in PROMPT_SETS}
+    assert len(set(ensembles["openai_imagenet"])) == 80 and len(ensembles["simple_imagenet"]) == 7
+    for templates in ensembles.values():
+        assert all(t.count("{c}") == 1 for t in templates)
+    assert set(ensembles["simple_imagenet"]) <= set(ensembles["openai_imagenet"])
+    with pytest.raises(ValueError, match="unknown prompt set 'nope'"):
+        prompt_templates("nope")
+    with pytest.raises(ValueError, match=r"eval.prompt_set 'nope'.*openai_imagenet"):
+        EvalConfig.from_mapping({"prompt_set": "nope"})
+
+    plain, imagenet = EvalConfig(), EvalConfig(imagenet_labels=True)
+    assert prompts(plain, "image_folder") == ("a photo of a {c}.",) and _class_names(plain) is None
+    assert prompts(imagenet, "image_folder") == ensembles["openai_imagenet"]
+    assert prompts(imagenet, "photos") == imagenet.templates  # other sets keep eval.templates
+    assert prompts(EvalConfig(prompt_set="simple_imagenet"), "digits") == ensembles["simple_imagenet"]
+    assert _class_names(imagenet) == names
+    for cls in ("n01", "n02"):
+        _write_image(tmp_path / "train" / cls / "0.jpg")
+    with pytest.raises(ValueError, match="1000 class names given for 2 class folders"):
+        classification_set("image_folder", "train", 8, str(tmp_path), None, 0, _class_names(imagenet))
