@@ -119,6 +119,8 @@ def write_accuracy_tables(experiment: str, results: Sequence[dict], out_dir: Pat
         + (f" ({key})" if key else "")
         + f", λ={first['lam']:g}, solver {'/'.join(solvers)}, seeds {seeds}; mean ± std over seeds"
     )
+    if first.get("teacher_checkpoint", "last") == "best_test":
+        context += "; each round taught by its best-test-accuracy epoch (the official protocol)"
     metrics = list(METRICS)
     if solvers == ["exact"]:
         metrics.remove("test_acc_best")  # no epochs: identical to the last-epoch table

@@ -30,6 +30,7 @@ from phis.selfdistill.probe import (
     two_hot,
 )
 from phis.selfdistill.run import run_job, validate
+from phis.selfdistill.theory import softmax
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -154,6 +155,9 @@ def test_batched_sgd_equals_one_probe_at_a_time() -> None:
         np.testing.assert_allclose(fit.W, alone.W, rtol=1e-5, atol=1e-6 * np.abs(alone.W).max())
         np.testing.assert_array_equal(fit.test_acc_per_epoch, alone.test_acc_per_epoch)
         assert accuracy(X, fit.W, y) == accuracy(X, alone.W, y)
+        np.testing.assert_allclose(
+            fit.W_best, alone.W_best, rtol=1e-5, atol=1e-6 * np.abs(alone.W_best).max()
+        )
     # the probes did train apart: different settings give different weights
     assert min(np.abs(a.W - b.W).max() for a, b in zip(batched, batched[1:])) > 1e-3
     assert fit_sgd_batched(X, []) == []
@@ -192,6 +196,42 @@ def test_self_distill_batched_equals_the_runs_one_by_one(solver: str, pll: tuple
     assert runs[0].reports[0].train_acc_given != runs[2].reports[0].train_acc_given  # the cells differ
     with pytest.raises(ValueError, match="one seed per label set: got 4 label sets and 1 seeds"):
         self_distill_batched(X, given, y, Xe, ye, 1e-2, 3, seeds=[0], **kwargs)
+
+
+def test_best_test_checkpoint_is_the_first_best_epoch_and_teaches_the_next_round() -> None:
+    X, y = _mixture(N=80)
+    Xe, ye = _mixture(N=30, seed=1)
+    recipe = SGDRecipe(epochs=8, batch_size=16, lr=0.05)
+    fit = fit_sgd(X, one_hot(y, 3), 1e-2, recipe, seed=1001, X_eval=Xe, y_eval=ye)
+    curve = fit.test_acc_per_epoch
+    # replay the same steps and keep the weights after the first epoch of the best test accuracy
+    first_best = int(np.argmax(curve))
+    replay = fit_sgd(
+        X, one_hot(y, 3), 1e-2, SGDRecipe(epochs=first_best + 1, batch_size=16, lr=0.05), seed=1001
+    )
+    np.testing.assert_allclose(fit.W_best, replay.W, rtol=1e-6, atol=1e-7)
+    assert accuracy(Xe, fit.W_best, ye) == curve.max()
+    assert fit_sgd(X, one_hot(y, 3), 1e-2, recipe, seed=1001).W_best is None  # no test set, no selection
+
+    given = corrupt_labels(y, corruption_matrix("sym", 3, 0.4), 1)
+    kwargs = dict(rounds=2, solver="sgd", recipe=recipe, keep_outputs=True)
+    best = self_distill(X, given, y, Xe, ye, 1e-2, 3, seed=1, teacher_checkpoint="best_test", **kwargs)
+    last = self_distill(X, given, y, Xe, ye, 1e-2, 3, seed=1, **kwargs)
+    teacher = fit_sgd(X, one_hot(given, 3), 1e-2, recipe, seed=1001, X_eval=Xe, y_eval=ye)
+    np.testing.assert_allclose(best.outputs["Teacher"], softmax(X @ teacher.W_best.T), atol=1e-6)
+    np.testing.assert_allclose(last.outputs["Teacher"], softmax(X @ teacher.W.T), atol=1e-6)
+    # the teacher's report is of its last epoch's weights either way; only what it passes on differs
+    for field in ("test_acc_last", "test_acc_best", "train_acc_true", "train_acc_given"):
+        assert getattr(best.reports[0], field) == getattr(last.reports[0], field), field
+    batched = self_distill_batched(
+        X, [given], y, Xe, ye, 1e-2, 3, seeds=[1], teacher_checkpoint="best_test", **kwargs
+    )
+    for got, want in zip(batched[0].reports, best.reports):
+        assert (got.test_acc_last, got.train_acc_given) == (want.test_acc_last, want.train_acc_given)
+    with pytest.raises(ValueError, match=r"teacher_checkpoint 'best'.*\('last', 'best_test'\)"):
+        self_distill(X, given, y, Xe, ye, 1e-2, 3, teacher_checkpoint="best", **kwargs)
+    with pytest.raises(ValueError, match="needs solver='sgd'"):
+        self_distill(X, given, y, Xe, ye, 1e-2, 3, rounds=2, solver="exact", teacher_checkpoint="best_test")
 
 
 # ---------------------------------------------------------------------------------------------- PLL
@@ -361,6 +401,19 @@ def test_job_records_both_accuracies_and_true_label_training_accuracy(tmp_path) 
     # the teacher fits its (noisy) labels better than it agrees with the true ones
     assert teacher["train_acc_given"] > teacher["train_acc_true"]
     assert abs(res["noise_realized"] - 0.5) < 0.15
+    assert res["teacher_checkpoint"] == "last"
+
+
+def test_best_test_job_is_recorded_and_its_tables_say_so(tmp_path) -> None:
+    from experiments.selfdistill import write_accuracy_tables
+
+    sgd = {"name": "sgd", "epochs": 4, "batch_size": 32, "lr": 0.05, "momentum": 0.9, "lr_decay": 0.98}
+    over = {"sd.features.n_test": 5, "sd.solver": sgd, "sd.rounds": 2, "sd.teacher_checkpoint": "best_test"}
+    res = run_job(_job_cfg(**over), tmp_path / "job")
+    assert res["teacher_checkpoint"] == "best_test" and [m["name"] for m in res["models"]] == ["Teacher", "2"]
+    paths = write_accuracy_tables("test", [res], tmp_path / "tables")
+    title = next(p for p in paths if p.name.endswith("test_acc_last.md")).read_text().splitlines()[0]
+    assert "taught by its best-test-accuracy epoch" in title
 
 
 def test_validate_lists_the_choices() -> None:
@@ -369,9 +422,14 @@ def test_validate_lists_the_choices() -> None:
         ("sd.corruption.kind", "pair", r"sd.corruption.kind='pair'.*'sym', 'asym', 'superclass'"),
         ("task", "plot", r"task='plot'.*\['distill', 'spectrum'\]"),
         ("sd.pll.losses", ["mae"], r"sd.pll.losses\[\]='mae'.*\['gce', 'ce'\]"),
+        ("sd.teacher_checkpoint", "best", r"sd.teacher_checkpoint='best'.*\['last', 'best_test'\]"),
     ]:
         with pytest.raises(ValueError, match=match):
             validate(_job_cfg(**{key: bad}))
+    with pytest.raises(
+        ValueError, match="best_test picks an SGD epoch by test accuracy; it needs sd/solver=sgd"
+    ):
+        validate(_job_cfg(**{"sd.teacher_checkpoint": "best_test"}))  # the default solver is exact
     with pytest.raises(ValueError, match=r"sd.corruption.superclasses='labels'.*\['cluster', 'features'\]"):
         validate(_job_cfg(**{"sd.corruption.kind": "superclass", "sd.corruption.superclasses": "labels"}))
 

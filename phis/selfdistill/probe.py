@@ -53,10 +53,17 @@ class SGDRecipe:
 
 @dataclass
 class ProbeFit:
-    """A fitted probe and, for SGD, the test accuracy after every epoch."""
+    """A fitted probe and, for SGD with a test set, the test accuracy after every epoch and the weights
+    of the first epoch with the best of them (the official code's checkpoint)."""
 
     W: np.ndarray  # [K, D] float64
     test_acc_per_epoch: np.ndarray | None = None  # [epochs]
+    W_best: np.ndarray | None = None  # [K, D] float64
+
+
+# Which weights of a round teach the next round and the PLL student: the last epoch's (ours, honest), or
+# those of the epoch with the best test accuracy (the official SD-PLL code's choice, selected on test).
+TEACHER_CHECKPOINTS = ("last", "best_test")
 
 
 @dataclass
@@ -182,6 +189,7 @@ def fit_sgd(
     momentum_buf = torch.zeros_like(W)
     lr = recipe.lr
     curve = np.full(recipe.epochs, np.nan)
+    W_best, best = W.clone(), -1.0
     for epoch in range(recipe.epochs):
         perm = torch.randperm(N, generator=gen)
         for start in range(0, N, recipe.batch_size):
@@ -193,7 +201,12 @@ def fit_sgd(
         lr *= recipe.lr_decay
         if Xe is not None:
             curve[epoch] = ((Xe @ W.T).argmax(1) == ye).double().mean().item()
-    return ProbeFit(W.double().numpy(), curve if Xe is not None else None)
+            if curve[epoch] > best:
+                best = curve[epoch]
+                W_best.copy_(W)
+    if Xe is None:
+        return ProbeFit(W.double().numpy())
+    return ProbeFit(W.double().numpy(), curve, W_best.double().numpy())
 
 
 @dataclass(frozen=True)
@@ -278,6 +291,7 @@ def fit_sgd_batched(
     first_row = torch.arange(U, device=device)[:, None] * N  # of each group's targets in T.view(U·N, G·K)
     Tf, Wf = T.view(U * N, G * K), W.view(U, G * K, D)
     momentum_buf = torch.zeros_like(W)
+    W_best, best = W.clone(), torch.full((U, G), -1.0, dtype=torch.float64, device=device)
     for epoch in range(epochs):
         neg_lr_w = per_probe(-lr, (U, G, 1, 1))
         for start in range(0, N, batch_size):
@@ -301,9 +315,15 @@ def fit_sgd_batched(
         if Xe is not None:
             pred = (Xe @ W.view(U * G * K, D).T).view(-1, U, G, K).argmax(3)  # [Ne, U, G]
             curve[:, :, epoch] = (pred == ye[:, None, None]).double().mean(0)
+            better = curve[:, :, epoch] > best  # [U, G]: the first epoch of each probe's best accuracy
+            best = torch.where(better, curve[:, :, epoch], best)
+            W_best[better] = W[better]
     W64, curve = W.double().cpu().numpy(), curve.cpu().numpy()
+    best64 = W_best.double().cpu().numpy()
     slot = {i: (u, g) for u, members in enumerate(groups.values()) for g, i in enumerate(members)}
-    return [ProbeFit(W64[slot[i]], curve[slot[i]] if Xe is not None else None) for i in range(len(tasks))]
+    if Xe is None:
+        return [ProbeFit(W64[slot[i]]) for i in range(len(tasks))]
+    return [ProbeFit(W64[slot[i]], curve[slot[i]], best64[slot[i]]) for i in range(len(tasks))]
 
 
 def fit_gce_full_batch(
@@ -387,6 +407,7 @@ def self_distill(
     seed: int = 0,
     tol: float = 1e-8,
     keep_outputs: bool = False,
+    teacher_checkpoint: str = "last",
 ) -> SDRun:
     """Teacher (round 1) + ``rounds − 1`` students, then one PLL student per loss in ``pll_losses``,
     each probe fit alone (the reference for ``self_distill_batched``).
@@ -394,7 +415,9 @@ def self_distill(
     Rows are named "Teacher", "2", ..., str(rounds), then "PLL" (GCE) / "PLL-CE". Exact rounds are
     warm-started from the previous round's W; each round's minimizer is unique, so that only saves
     iterations. SGD round t draws its init and minibatch order from seed 1000·seed + t, the PLL
-    students from 1000·seed + 999.
+    students from 1000·seed + 999. ``teacher_checkpoint`` (``TEACHER_CHECKPOINTS``) picks the weights
+    that teach the next round and the PLL student; reports are of the last epoch's weights either way
+    (with ``test_acc_best`` the best test accuracy over epochs).
     """
 
     def one_by_one(tasks: Sequence[ProbeTask]) -> list[tuple[ProbeFit, float]]:
@@ -420,6 +443,7 @@ def self_distill(
         pll_losses,
         q,
         keep_outputs,
+        teacher_checkpoint,
         one_by_one,
     )[0]
 
@@ -441,6 +465,7 @@ def self_distill_batched(
     q: float = 0.7,
     tol: float = 1e-8,
     keep_outputs: bool = False,
+    teacher_checkpoint: str = "last",
     device: str | torch.device | None = None,
 ) -> list[SDRun]:
     """``self_distill`` of every label set y_given[r] (with seed seeds[r]) on the same features.
@@ -477,6 +502,7 @@ def self_distill_batched(
         pll_losses,
         q,
         keep_outputs,
+        teacher_checkpoint,
         batched,
     )
 
@@ -515,6 +541,7 @@ def _distill(
     pll_losses: Sequence[str],
     q: float,
     keep_outputs: bool,
+    teacher_checkpoint: str,
     fit_many: Callable[[Sequence[ProbeTask]], list[tuple[ProbeFit, float]]],
 ) -> list[SDRun]:
     """The rounds of ``self_distill`` for every label set, each round's probes fit by one ``fit_many``."""
@@ -524,6 +551,15 @@ def _distill(
         raise ValueError(f"unknown solver {solver!r}; choose one of {list(SOLVERS)}")
     for loss in pll_losses:
         _check_loss(loss)
+    if teacher_checkpoint not in TEACHER_CHECKPOINTS:
+        raise ValueError(
+            f"unknown teacher_checkpoint {teacher_checkpoint!r}; choose one of {TEACHER_CHECKPOINTS}"
+        )
+    if teacher_checkpoint == "best_test" and (solver != "sgd" or len(y_test) == 0):
+        raise ValueError(
+            f"teacher_checkpoint='best_test' selects an SGD epoch by test accuracy: it needs solver='sgd' "
+            f"(got {solver!r}) and a test set (got {len(y_test)} test samples)"
+        )
     recipe = recipe or SGDRecipe()
     runs = [SDRun([]) for _ in y_given]
     targets = [one_hot(y, num_classes) for y in y_given]
@@ -538,10 +574,11 @@ def _distill(
             for r in range(len(runs))
         ]
         for r, (fit, seconds) in enumerate(fit_many(tasks)):
-            targets[r] = softmax(X_train @ fit.W.T)
-            W_prev[r] = fit.W
+            W_teach = fit.W_best if teacher_checkpoint == "best_test" else fit.W
+            targets[r] = softmax(X_train @ W_teach.T)
+            W_prev[r] = W_teach
             if t == 1:
-                teachers.append((fit.W, targets[r]))
+                teachers.append((W_teach, targets[r]))
             runs[r].reports.append(_report(name, fit, X_train, y_true, y_given[r], X_test, y_test, seconds))
             if keep_outputs:
                 runs[r].outputs[name] = targets[r]

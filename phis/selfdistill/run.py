@@ -40,7 +40,15 @@ from phis.selfdistill.corruption import (
     realized_matrix,
 )
 from phis.selfdistill.features import FeatureSet, atomic_savez, load_features
-from phis.selfdistill.probe import PLL_LOSSES, SOLVERS, SDRun, SGDRecipe, self_distill, self_distill_batched
+from phis.selfdistill.probe import (
+    PLL_LOSSES,
+    SOLVERS,
+    TEACHER_CHECKPOINTS,
+    SDRun,
+    SGDRecipe,
+    self_distill,
+    self_distill_batched,
+)
 from phis.wandb_logging import RUN_FILE, JobMirror, selfdistill_tables, selfdistill_tags
 
 log = logging.getLogger(__name__)
@@ -71,6 +79,12 @@ def validate(cfg: Mapping[str, Any]) -> None:
     _check(sd["solver"]["name"], SOLVERS, "sd.solver.name")
     for loss in sd["pll"]["losses"]:
         _check(loss, PLL_LOSSES, "sd.pll.losses[]")
+    _check(sd.get("teacher_checkpoint", "last"), TEACHER_CHECKPOINTS, "sd.teacher_checkpoint")
+    if sd.get("teacher_checkpoint", "last") == "best_test" and sd["solver"]["name"] != "sgd":
+        raise ValueError(
+            f"sd.teacher_checkpoint=best_test picks an SGD epoch by test accuracy; it needs sd/solver=sgd, "
+            f"got sd.solver.name={sd['solver']['name']!r}"
+        )
     if int(sd["rounds"]) < 1:
         raise ValueError(f"sd.rounds={sd['rounds']} must be ≥ 1 (round 1 is the teacher)")
     if not float(sd["lam"]) > 0:
@@ -144,6 +158,7 @@ def _distill_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "q": float(sd["pll"]["q"]),
         "tol": float(scfg.get("tol", 1e-8)),
         "keep_outputs": bool(cfg["save_outputs"]),
+        "teacher_checkpoint": sd.get("teacher_checkpoint", "last"),
     }
 
 
@@ -238,6 +253,7 @@ def _job_info(cfg: Mapping[str, Any], feats: FeatureSet) -> dict:
         "seed": int(cfg["seed"]),
         "lam": float(cfg["sd"]["lam"]),
         "solver": cfg["sd"]["solver"]["name"],
+        "teacher_checkpoint": cfg["sd"].get("teacher_checkpoint", "last"),
     }
 
 
