@@ -32,6 +32,7 @@ from phis.results import (
     collect_results,
     mean_std,
     read_json,
+    run_metrics,
     write_table,
 )
 from phis.stats import TABLE7_KEYS
@@ -89,26 +90,6 @@ class Run:
     dir: Path
     metrics: dict[str, float]
     results: dict[str, Any]
-
-
-def run_metrics(res: Mapping[str, Any]) -> dict[str, float]:
-    """Flat metric name → value: ``results["eval"]["metrics"]``, with teacher MSE from ``heldout`` if absent.
-
-    Without ``phis.eval`` a run still has its held-out teacher-space MSE (``test`` split, else ``val``).
-    Training's own explained fraction on each held-out split is kept as ``explained_<split>/<teacher>``.
-    """
-    out = {k: float(v) for k, v in ((res.get("eval") or {}).get("metrics") or {}).items() if v is not None}
-    heldout = res.get("heldout") or {}
-    split = heldout.get("test") or heldout.get("val") or {}
-    for teacher, r in split.items():
-        out.setdefault(f"tmse/{teacher}", float(r["mse_teacher"]))
-        if "explained" in r:
-            out.setdefault(f"tmse_explained/{teacher}", float(r["explained"]))
-    for name, per_teacher in heldout.items():
-        for teacher, r in per_teacher.items():
-            if r.get("explained") is not None:
-                out[f"explained_{name}/{teacher}"] = float(r["explained"])
-    return out
 
 
 def tmse_split(grouped: Mapping[str, Sequence[Run]]) -> str:

@@ -40,6 +40,7 @@ from phis.metrics import (
     knn_accuracy,
     linear_probe_segmentation,
     rankme,
+    teacher_metric_names,
     text_classifier,
     zero_shot_accuracy,
 )
@@ -225,15 +226,15 @@ def teacher_metrics(
     run on the images. The normalized-space error compares ``predict_normalized`` with the normalizer
     applied to the targets (PHI-S Table 5 reports both spaces).
     """
-    out = {}
-    for n, r in module.heldout_metrics(batches, teachers=teachers).items():
-        out[f"tmse/{n}"] = r["mse_teacher"]
-        out[f"tmse_explained/{n}"] = r["explained"]
-        out[f"err_var_range/{n}"] = r["error_variance_range"]
-        out[f"err_var_range_norm/{n}"] = r["error_variance_range_normalized"]
-        if r["summary_cosine"] is not None:
-            out[f"summary_cos/{n}"] = r["summary_cosine"]
-    return out
+    return teacher_metric_names(module.heldout_metrics(batches, teachers=teachers))
+
+
+def _measured_split(measured: Mapping[str, Any], choice: str) -> str:
+    """The split of ``measured`` that eval.heldout_split names (auto: test if measured, else val)."""
+    split = ("test" if "test" in measured else "val") if choice == "auto" else choice
+    if split not in measured:
+        raise ValueError(f"eval.heldout_split={choice!r}, but the run's data has only {sorted(measured)}")
+    return split
 
 
 def _zero_shot(
@@ -352,6 +353,7 @@ def evaluate_module(
     *,
     teachers: Mapping[str, nn.Module] | None = None,
     heldout: Iterable[Mapping[str, Any]] | None = None,
+    measured: Mapping[str, Mapping[str, Any]] | None = None,
     out_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Evaluate a trained ``DistillModule``; append the record to ``<out_dir>/eval.jsonl`` and return it.
@@ -359,7 +361,10 @@ def evaluate_module(
     ``cfg`` is the training config (its ``eval`` group holds ``EvalConfig`` keys; its ``teachers``,
     ``data`` and ``cache`` give the held-out set, cached targets and the teachers to rebuild), an
     ``EvalConfig`` / eval mapping, or None. ``teachers`` (name → Teacher) and ``heldout`` (batches with
-    ``images`` and optionally cached ``targets``) override what the config would build. The record holds
+    ``images`` and optionally cached ``targets``) override what the config would build. ``measured``
+    (split → ``heldout_metrics`` results, as training stores them under ``heldout``) holds the teacher
+    MSE already: it is not measured again nor copied into ``metrics``; ``details["tmse"]`` names the
+    split it is stored under. The record holds
     ``metrics`` (flat name → number, names as in the module docstring), ``details`` (per-class IoU …),
     ``skipped`` (what could not run, and why), the settings and timing.
     """
@@ -378,7 +383,10 @@ def evaluate_module(
     was_training = module.training
     module.eval()
     try:
-        if ecfg.teacher_mse:
+        if ecfg.teacher_mse and measured is not None:
+            split = _measured_split(measured, ecfg.heldout_split)
+            details["tmse"] = {"heldout": split, "stored_in": f"heldout.{split}"}
+        elif ecfg.teacher_mse:
             split = "given"
             if heldout is None and train_cfg is not None:
                 split, heldout = _heldout_loader(

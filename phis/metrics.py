@@ -9,7 +9,8 @@ Each is checked against a brute-force or closed-form reference in ``tests/test_e
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +125,21 @@ def teacher_mse(pred: Tensor, target: Tensor) -> dict[str, float]:
     meter = TeacherErrorMeter()
     meter.update(pred, target)
     return meter.result()
+
+
+def teacher_metric_names(per_teacher: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """``heldout_metrics`` results (teacher → numbers) under the metric names ``phis.ranks`` reads."""
+    out = {}
+    for n, r in per_teacher.items():
+        out[f"tmse/{n}"] = r["mse_teacher"]
+        if r.get("explained") is not None:
+            out[f"tmse_explained/{n}"] = r["explained"]
+        if "error_variance_range" in r:
+            out[f"err_var_range/{n}"] = r["error_variance_range"]
+            out[f"err_var_range_norm/{n}"] = r["error_variance_range_normalized"]
+        if r.get("summary_cosine") is not None:
+            out[f"summary_cos/{n}"] = r["summary_cosine"]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -169,3 +169,28 @@ class AggregateOnMultirunEnd(Callback):
         fn: Callable[..., Any] = import_object(self.aggregator)
         sweep_dir = config.hydra.sweep.dir
         fn(sweep_dir, self.out_dir or sweep_dir)
+
+
+def run_metrics(res: Mapping[str, Any]) -> dict[str, float]:
+    """Flat metric name → value: ``results["eval"]["metrics"]`` and the held-out teacher metrics.
+
+    Training stores its held-out teacher numbers once, under ``heldout``; the evaluation names the split
+    (``eval.details.tmse.heldout``; without an evaluation: ``test``, else ``val``), whose numbers become
+    ``tmse/<teacher>``, ``tmse_explained/…``, ``err_var_range[_norm]/…`` and ``summary_cos/…``. Older runs
+    that also copied them into ``eval.metrics`` read the same. The explained fraction on each held-out
+    split is kept as ``explained_<split>/<teacher>``.
+    """
+    from phis.metrics import teacher_metric_names  # torch only when asked
+
+    ev = res.get("eval") or {}
+    out = {k: float(v) for k, v in (ev.get("metrics") or {}).items() if v is not None}
+    heldout = res.get("heldout") or {}
+    split = ((ev.get("details") or {}).get("tmse") or {}).get("heldout")
+    per_teacher = heldout.get(split) or heldout.get("test") or heldout.get("val") or {}
+    derived = {k: float(v) for k, v in teacher_metric_names(per_teacher).items()}
+    out = dict(sorted({**derived, **out}.items()))  # results.json's key order (it is written sorted)
+    for name, per_teacher in heldout.items():
+        for teacher, r in per_teacher.items():
+            if r.get("explained") is not None:
+                out[f"explained_{name}/{teacher}"] = float(r["explained"])
+    return out

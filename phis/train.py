@@ -314,7 +314,8 @@ def report(cfg: DictConfig, fitted: FitOutcome) -> dict[str, Any]:
     if not trainer.is_global_zero:
         return {}
     stats = {n: c.activation_stats() for n, c in dm.caches["train"].items()} if dm.cache_enabled else None
-    external = evaluate_module(module, cfg) if cfg.eval.enabled else None
+    # The held-out teacher MSE is stored once, under heldout: the evaluation names its split.
+    external = evaluate_module(module, cfg, measured=heldout) if cfg.eval.enabled else None
     steps = int(trainer.global_step)
     results: dict[str, Any] = {
         "name": cfg.name,

@@ -30,7 +30,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from phis.results import RESULTS_FILE, atomic_write_json, read_json
+from phis.results import RESULTS_FILE, atomic_write_json, read_json, run_metrics
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,8 @@ def selfdistill_tags(cfg: DictConfig) -> dict[str, str]:
 def flat_numbers(results: Mapping[str, Any]) -> dict[str, float]:
     """Every scalar number of a results.json, keyed as W&B summary keys.
 
-    ``eval.metrics`` keeps its own flat keys (``tmse/clip``); everything else is keyed by its path
+    A training run's metrics keep their flat names (``tmse/clip``, from ``eval.metrics`` and the
+    held-out split the evaluation names, ``phis.results.run_metrics``); everything else is keyed by its path
     (``heldout/test/clip/mse_teacher``), lists of named records by their names (``models/teacher/...``).
     Vectors and matrices are left to the tables; configuration subtrees are skipped.
     """
@@ -161,8 +162,8 @@ def flat_numbers(results: Mapping[str, Any]) -> dict[str, float]:
 
     walk(results, "")
     out = {k.rstrip("/"): v for k, v in out.items()}
-    metrics = (results.get("eval") or {}).get("metrics") or {}
-    out.update({k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)})
+    if "heldout" in results or "eval" in results:  # a training run: its metrics under their flat names
+        out.update(run_metrics(results))
     return out
 
 

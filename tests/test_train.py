@@ -178,13 +178,24 @@ def test_paper_analyses_work_without_a_teacher_cache(tmp_path, cache_dir) -> Non
 
 @pytest.mark.parametrize("split", ["val", "test"])
 def test_end_of_training_evaluation_measures_the_chosen_split(split: str, tmp_path, cache_dir) -> None:
-    """phis.eval's teacher MSE (its own loader and meter) equals training's own held-out numbers."""
+    """The evaluation names the split whose teacher MSE training stored (once, under heldout); the
+    tables read it from there, and phis.eval on the checkpoint (its own loader) measures the same."""
+    from phis.eval import main as eval_main
+    from phis.results import run_metrics
+
     off = ["eval.enabled=true", "eval.knn_sets=[]", "eval.seg_sets=[]", "eval.zero_shot=false"]
     res = train(make_cfg(tmp_path, cache_dir, "trainer.max_steps=4", *off, f"eval.heldout_split={split}"))
-    assert res["eval"]["details"]["tmse"] == {"heldout": split}
+    assert res["eval"]["details"]["tmse"] == {"heldout": split, "stored_in": f"heldout.{split}"}
+    assert not any(k.startswith(("tmse", "err_var_range", "summary_cos")) for k in res["eval"]["metrics"])
+    flat = run_metrics(res)
+    ckpt, sets = tmp_path / "checkpoints" / "last.ckpt", ["knn_sets=[]", "seg_sets=[]", "zero_shot=false"]
+    again = eval_main([str(ckpt), "--out", str(tmp_path / "again"), "--set", f"heldout_split={split}", *sets])
+    assert again["details"]["tmse"] == {"heldout": split}
     for teacher, r in res["heldout"][split].items():
-        assert res["eval"]["metrics"][f"tmse/{teacher}"] == pytest.approx(r["mse_teacher"], rel=1e-5)
-        assert res["eval"]["metrics"][f"tmse_explained/{teacher}"] == pytest.approx(r["explained"], abs=1e-5)
+        assert flat[f"tmse/{teacher}"] == r["mse_teacher"]
+        assert flat[f"err_var_range/{teacher}"] == r["error_variance_range"]
+        assert again["metrics"][f"tmse/{teacher}"] == pytest.approx(r["mse_teacher"], rel=1e-5)
+        assert again["metrics"][f"tmse_explained/{teacher}"] == pytest.approx(r["explained"], abs=1e-5)
     with pytest.raises(ValueError, match=r"heldout_split 'train'.*\('auto', 'test', 'val'\)"):
         train(make_cfg(tmp_path / "bad", cache_dir, "trainer.max_steps=1", *off, "eval.heldout_split=train"))
     assert not (tmp_path / "bad").exists()  # refused before anything ran or was written

@@ -23,6 +23,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from phis import wandb_logging as wbl
+from phis.results import run_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 32768
@@ -275,7 +276,7 @@ def test_train_multirun_gives_one_named_tagged_run_per_job_and_a_table_run(tmp_p
             assert run.summary[f"heldout/test/{t}/mse_teacher"] == pytest.approx(
                 results["heldout"]["test"][t]["mse_teacher"]
             )
-            assert run.summary[f"tmse/{t}"] == pytest.approx(results["eval"]["metrics"][f"tmse/{t}"])
+            assert run.summary[f"tmse/{t}"] == pytest.approx(run_metrics(results)[f"tmse/{t}"])
         table = run.table("results/per_teacher")
         assert sorted({row[0] for row in table["data"]}) == teachers
         assert len(table["data"]) == len(teachers) * 3  # train, val, test
