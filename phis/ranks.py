@@ -158,3 +158,23 @@ def rank_table(
         if kept:
             summaries[name] = {m: sum(group_ranks[g][m] for g in kept) / len(kept) for m in methods}
     return RankTable(methods, used, metric_ranks, group_ranks, summaries, excluded)
+
+
+def ordinal(values: Mapping[str, float]) -> dict[str, int]:
+    """Competition ranks of average ranks (1 = lowest average rank)."""
+    return {m: 1 + sum(o < v for o in values.values()) for m, v in values.items()}
+
+
+def spearman(a: Mapping[str, float], b: Mapping[str, float]) -> float:
+    """Spearman correlation of two scorings of the same methods (Pearson of their average-tie ranks)."""
+    keys = [k for k in a if k in b]
+
+    def ranks(d: Mapping[str, float]) -> list[float]:
+        vals = [d[k] for k in keys]
+        return [sum(o < v for o in vals) + (sum(o == v for o in vals) + 1) / 2 for v in vals]
+
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    var = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
+    return cov / var if var > 0 else math.nan

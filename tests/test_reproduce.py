@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 
 from experiments import phis_tables
+from experiments.phis_dry_run import dry_run, sweep_points
+from experiments.phis_table_writers import fmt
+from phis.ranks import spearman
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "reproduce.sh"
@@ -126,15 +129,15 @@ def test_mean_std_and_paper_columns_in_teacher_mse_table(hand_sweep: Path, tmp_p
 
 
 def test_fmt_and_spearman_against_closed_forms() -> None:
-    assert phis_tables.fmt([]) == "—" and phis_tables.fmt([math.nan]) == "—"
-    assert phis_tables.fmt([2.0]) == "2"
-    assert phis_tables.fmt([1.0, 2.0, 3.0]) == "2 ± 1"
-    assert phis_tables.spearman({"x": 1, "y": 2, "z": 3}, {"x": 10, "y": 20, "z": 30}) == pytest.approx(1.0)
-    assert phis_tables.spearman({"x": 1, "y": 2, "z": 3}, {"x": 3, "y": 2, "z": 1}) == pytest.approx(-1.0)
+    assert fmt([]) == "—" and fmt([math.nan]) == "—"
+    assert fmt([2.0]) == "2"
+    assert fmt([1.0, 2.0, 3.0]) == "2 ± 1"
+    assert spearman({"x": 1, "y": 2, "z": 3}, {"x": 10, "y": 20, "z": 30}) == pytest.approx(1.0)
+    assert spearman({"x": 1, "y": 2, "z": 3}, {"x": 3, "y": 2, "z": 1}) == pytest.approx(-1.0)
 
 
 def test_sweep_points_are_the_cartesian_product() -> None:
-    pts = phis_tables.sweep_points({"method": "mse, phi_s", "seed": "0,1,2"})
+    pts = sweep_points({"method": "mse, phi_s", "seed": "0,1,2"})
     assert len(pts) == 6 and ["method=phi_s", "seed=2"] in pts
 
 
@@ -224,9 +227,9 @@ def test_paper_dry_run_composes_every_job(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_dry_run_fails_on_an_unresolvable_job() -> None:
-    assert phis_tables.dry_run("smoke", extra=["data.train.count=${no.such.key}"]) == 1
+    assert dry_run("smoke", extra=["data.train.count=${no.such.key}"]) == 1
     with pytest.raises(ValueError, match="choose one of"):
-        phis_tables.dry_run("large")
+        dry_run("large")
 
 
 if __name__ == "__main__":

@@ -149,6 +149,7 @@ def test_paper_analyses_work_without_a_teacher_cache(tmp_path, cache_dir) -> Non
     """cache.enabled=false (the paper profile's setting): Tables 7-9 and Figs. 1, 2, 9 come from the
     teachers on a capped training sample, and the index says why each missing table is missing."""
     from experiments import phis_tables
+    from experiments.phis_runs import teacher_features
     from phis.stats import activation_stats, token_moments
 
     run = tmp_path / "sweep" / "phi_s" / "seed_0"
@@ -165,7 +166,7 @@ def test_paper_analyses_work_without_a_teacher_cache(tmp_path, cache_dir) -> Non
     assert (out / "fig9_channel_loss_histograms.png").is_file()  # the teachers ran on the held-out split
     table7 = (out / "table7_teacher_stats.csv").read_text().splitlines()
     assert "kept no teacher cache" in (out / "table7_teacher_stats.md").read_text()
-    sample = phis_tables.teacher_features(run)  # the same deterministic sample, recomputed
+    sample = teacher_features(run)  # the same deterministic sample, recomputed
     for name, y in sample.items():
         row = next(r.split(",") for r in table7 if r.startswith(f"ours: {name},"))
         expected = activation_stats(token_moments(y))["global_std"]
