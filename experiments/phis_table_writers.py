@@ -15,6 +15,7 @@ from experiments.phis_runs import LABELS, REFERENCE, Run, paper_rows, teacher_na
 from phis.ranks import RankTable, metric_group, ordinal, rank_table, spearman
 from phis.results import (
     atomic_write_text,
+    format_mean_std,
     mean_std,
     write_table,
 )
@@ -22,12 +23,8 @@ from phis.stats import TABLE7_KEYS
 
 
 def fmt(values: Sequence[float], digits: int = 4) -> str:
-    """``'m ± s'`` with ``digits`` significant digits (``'m'`` for one value, ``'—'`` for none)."""
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return "—"
-    m, s = mean_std(vals)
-    return f"{m:.{digits}g}" if len(vals) == 1 else f"{m:.{digits}g} ± {s:.2g}"
+    """``'m ± s'`` over seeds, ``digits`` significant figures (``'m'`` for one value, ``'—'`` for none)."""
+    return format_mean_std(values, digits, significant=True)
 
 
 def write_paper_table(

@@ -109,14 +109,19 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
     return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
 
 
-def format_mean_std(values: Sequence[float], digits: int = 2, scale: float = 1.0) -> str:
-    """``'m ± s'`` (``'m'`` for one value, ``'—'`` for none) after multiplying by ``scale``."""
-    m, s = mean_std(values)
-    if math.isnan(m):
+def format_mean_std(
+    values: Sequence[float], digits: int = 2, scale: float = 1.0, significant: bool = False
+) -> str:
+    """``'m ± s'`` of the finite values (``'m'`` for one, ``'—'`` for none) after multiplying by ``scale``:
+    ``digits`` decimals for both, or with ``significant`` ``digits`` significant figures (s to two)."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
         return "—"
-    if len([v for v in values if v is not None]) == 1:
-        return f"{m * scale:.{digits}f}"
-    return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
+    m, s = mean_std(vals)
+    m, s = m * scale, s * scale
+    if significant:
+        return f"{m:.{digits}g}" if len(vals) == 1 else f"{m:.{digits}g} ± {s:.2g}"
+    return f"{m:.{digits}f}" if len(vals) == 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

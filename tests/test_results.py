@@ -48,6 +48,9 @@ def test_mean_std_matches_sample_std():
     assert all(math.isnan(v) for v in results.mean_std([float("nan"), None]))
     assert results.format_mean_std([0.5, 0.7], digits=1, scale=100) == "60.0 ± 14.1"
     assert results.format_mean_std([]) == "—"
+    assert results.format_mean_std([0.25, float("nan"), None]) == "0.25"  # one finite value
+    assert results.format_mean_std([1234.5, 1236.5], digits=4, significant=True) == "1236 ± 1.4"
+    assert results.format_mean_std([2.0], digits=4, significant=True) == "2"
 
 
 def test_write_table(tmp_path):
