@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from phis.build import build_datamodule, teacher_set
+from phis.config import plain
 from phis.evaldata import (
     CLASSIFICATION_SETS,
     PROMPT_SETS,
@@ -96,7 +97,7 @@ class EvalConfig:
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any] | None) -> EvalConfig:
         """Build from a plain/OmegaConf mapping, rejecting unknown keys with the list of valid ones."""
-        values = dict(_plain(cfg) or {})
+        values = dict(plain(cfg) or {})
         values.pop("enabled", None)
         valid = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - valid)
@@ -121,15 +122,6 @@ class EvalConfig:
                 f"unknown eval set(s) {bad}; kNN: {CLASSIFICATION_SETS}, segmentation: {SEGMENTATION_SETS}"
             )
         return out
-
-
-def _plain(cfg: Any) -> Any:
-    """OmegaConf containers → plain Python (other values unchanged)."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(cfg, DictConfig | ListConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return cfg
 
 
 def _is_train_config(cfg: Any) -> bool:

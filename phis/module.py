@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from phis.cache import TeacherCache
+from phis.config import check_choice
 from phis.losses import AdaLoss, cosine, make_loss, mse
 from phis.metrics import TeacherErrorMeter
 from phis.normalizers import make_normalizer
@@ -63,12 +64,6 @@ def resample_grid(y: Tensor, size: tuple[int, int], mode: str = "bilinear") -> T
     return out.permute(0, 2, 3, 1)
 
 
-def _check_choice(what: str, value: str, choices: Iterable[str]) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
-
-
 class DistillModule(pl.LightningModule):
     """Multi-teacher feature distillation (AM-RADIO) with configurable normalization (PHI-S)."""
 
@@ -86,10 +81,10 @@ class DistillModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         d = dict(distill)
-        _check_choice("distill.normalizer_fit", d["normalizer_fit"], NORMALIZER_FITS)
-        _check_choice("distill.resample_to", d["resample_to"], RESAMPLE_TO)
-        _check_choice("distill.resample_mode", d["resample_mode"], RESAMPLE_MODES)
-        _check_choice("optim.name", optim["name"], OPTIMIZERS)
+        check_choice("distill.normalizer_fit", d["normalizer_fit"], NORMALIZER_FITS)
+        check_choice("distill.resample_to", d["resample_to"], RESAMPLE_TO)
+        check_choice("distill.resample_mode", d["resample_mode"], RESAMPLE_MODES)
+        check_choice("optim.name", optim["name"], OPTIMIZERS)
         self.distill_cfg = d
         self.teacher_names = list(teachers)
         self.teacher_specs = {
@@ -289,7 +284,7 @@ class DistillModule(pl.LightningModule):
         ``float32``. Targets are always returned in float32.
         """
         choice = self.distill_cfg.get("teacher_dtype", "auto")
-        _check_choice("distill.teacher_dtype", choice, TEACHER_DTYPES)
+        check_choice("distill.teacher_dtype", choice, TEACHER_DTYPES)
         cuda = self.device.type == "cuda"
         if choice == "auto":
             dtype = torch.bfloat16 if cuda else torch.float32
@@ -298,7 +293,7 @@ class DistillModule(pl.LightningModule):
         compile_what = self.distill_cfg.get("compile") or []
         compile_what = [compile_what] if isinstance(compile_what, str) else list(compile_what)
         for what in compile_what:
-            _check_choice("distill.compile entry", what, COMPILE_TARGETS)
+            check_choice("distill.compile entry", what, COMPILE_TARGETS)
         if compile_what and not cuda:
             log.info("distill.compile=%s ignored: torch.compile is only used on CUDA", compile_what)
         for teacher in self._teachers.values():

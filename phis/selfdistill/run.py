@@ -30,6 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from threadpoolctl import threadpool_limits
 
+from phis.config import check_choice
 from phis.results import RESULTS_FILE, atomic_write_json, is_finished, read_json
 from phis.selfdistill import theory
 from phis.selfdistill.corruption import (
@@ -61,25 +62,20 @@ OUTPUTS_FILE = "outputs.npz"
 NON_RESULT_KEYS = ("tables_dir", "threads", "cache_dir", "logger")
 
 
-def _check(value: Any, choices: tuple, key: str) -> None:
-    if value not in choices:
-        raise ValueError(f"{key}={value!r} is not valid; choose one of {list(choices)}")
-
-
 def validate(cfg: Mapping[str, Any]) -> None:
     """Fail before any work on a config choice the code does not know, listing the valid ones."""
-    _check(cfg["task"], TASKS, "task")
-    _check(cfg["report"], REPORTS, "report")
+    check_choice("task", cfg["task"], TASKS)
+    check_choice("report", cfg["report"], REPORTS)
     sd = cfg["sd"]
-    _check(sd["corruption"]["kind"], NOISE_KINDS, "sd.corruption.kind")
+    check_choice("sd.corruption.kind", sd["corruption"]["kind"], NOISE_KINDS)
     if sd["corruption"]["kind"] == "superclass":
-        _check(
-            sd["corruption"].get("superclasses", "cluster"), SUPERCLASS_SOURCES, "sd.corruption.superclasses"
+        check_choice(
+            "sd.corruption.superclasses", sd["corruption"].get("superclasses", "cluster"), SUPERCLASS_SOURCES
         )
-    _check(sd["solver"]["name"], SOLVERS, "sd.solver.name")
+    check_choice("sd.solver.name", sd["solver"]["name"], SOLVERS)
     for loss in sd["pll"]["losses"]:
-        _check(loss, PLL_LOSSES, "sd.pll.losses[]")
-    _check(sd.get("teacher_checkpoint", "last"), TEACHER_CHECKPOINTS, "sd.teacher_checkpoint")
+        check_choice("sd.pll.losses[]", loss, PLL_LOSSES)
+    check_choice("sd.teacher_checkpoint", sd.get("teacher_checkpoint", "last"), TEACHER_CHECKPOINTS)
     if sd.get("teacher_checkpoint", "last") == "best_test" and sd["solver"]["name"] != "sgd":
         raise ValueError(
             f"sd.teacher_checkpoint=best_test picks an SGD epoch by test accuracy; it needs sd/solver=sgd, "

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
+
+from phis.config import plain
 
 # family -> (module, class); modules are imported on demand so that e.g. transformers is only loaded
 # when a transformers teacher is built.
@@ -155,15 +156,9 @@ def tokens_to_map(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
     return tokens.transpose(1, 2).reshape(b, c, h, w).contiguous()
 
 
-def _plain(cfg: Mapping) -> dict:
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return dict(cfg)
-
-
 def build_teacher(cfg: Mapping) -> Teacher:
     """Build a frozen teacher from a plain config: `family` picks the loader, the other keys go to it."""
-    kwargs = _plain(cfg)
+    kwargs = dict(plain(cfg))
     family = kwargs.pop("family", None)
     if family not in _FAMILY_CLASSES:
         raise ValueError(f"unknown teacher family {family!r}; choose one of {', '.join(TEACHER_FAMILIES)}")

@@ -1,0 +1,23 @@
+"""Config values as the library reads them: OmegaConf containers turned into plain Python, and the
+check of a choice against its valid values (the error names both)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+def plain(cfg: Any) -> Any:
+    """OmegaConf containers → plain dicts/lists (interpolations resolved); other values unchanged."""
+    if isinstance(cfg, DictConfig | ListConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def check_choice(key: str, value: Any, choices: Iterable[Any]) -> None:
+    """Raise ``ValueError`` naming ``key``, the bad ``value`` and the valid ``choices`` unless it is one."""
+    choices = list(choices)
+    if value not in choices:
+        raise ValueError(f"{key}={value!r} is not valid; choose one of {choices}")
