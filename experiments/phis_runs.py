@@ -197,9 +197,10 @@ def ref_normalizer(run_dir: Path, teacher: str, sample: Any) -> Any:
     from phis.build import build_datamodule
     from phis.normalizers import make_normalizer
 
-    dm = build_datamodule(_train_config(run_dir))
+    cfg = _train_config(run_dir)
     norm = make_normalizer("phi_s", sample.shape[-1])
-    for y in dm.caches["train"][teacher].feature_batches() if dm.cache_enabled else [sample]:
+    cached = cfg.cache.enabled  # the data module (and its caches) is built only when there is a cache
+    for y in build_datamodule(cfg).caches["train"][teacher].feature_batches() if cached else [sample]:
         norm.update(y)
     norm.fit()
     return norm

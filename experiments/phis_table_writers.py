@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -245,17 +245,16 @@ def rankme_outputs(grouped: Mapping[str, Sequence[Run]], out: Path) -> Path | No
 
 
 def teacher_stats_outputs(
-    runs: Sequence[Run], out: Path, sampled: Callable[[], Mapping[str, Any]] | None = None
+    runs: Sequence[Run], out: Path, sample: Mapping[str, Any] | None = None
 ) -> list[Path]:
     """Tables 7 and 8 from a run's ``teacher_stats`` (the training-set cache moments), paper rows beside;
-    without a cache, from ``sampled()``: teacher tokens of a capped training sample (``teacher_features``)."""
+    without a cache, from ``sample``: teacher tokens of a capped training sample (``teacher_features``)."""
     stats = next((r.results["teacher_stats"] for r in runs if r.results.get("teacher_stats")), None)
     source = "Over all training-set feature tokens (float64 moments of the teacher cache)."
-    if not stats and sampled is not None:
+    if not stats and sample:
         from phis.stats import activation_stats, token_moments
 
-        feats = sampled()
-        stats = {n: activation_stats(token_moments(y)) for n, y in feats.items()}
+        stats = {n: activation_stats(token_moments(y)) for n, y in sample.items()}
         count = sum(int(s["tokens"]) for s in stats.values()) // max(len(stats), 1)
         source = (
             f"The runs kept no teacher cache: over about {count:,} feature tokens per teacher, evenly"

@@ -22,7 +22,6 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from experiments.phis_dry_run import PROFILES, dry_run
 from experiments.phis_figures import channel_loss_outputs, loss_curve_outputs, teacher_feature_outputs
@@ -80,16 +79,10 @@ def aggregate_analyses(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike)
     ]
     first = {m: min(rs, key=lambda r: r.seed) for m, rs in grouped.items()}  # lowest seed per method
     ref = first.get("phi_s") or next(iter(first.values()))
-    feats: dict[str, Any] = {}
-
-    def sampled() -> dict[str, Any]:  # teacher tokens of the reference run, computed once
-        if not feats:
-            feats.update(teacher_features(ref.dir))
-        return feats
-
-    written += teacher_stats_outputs(runs, out, sampled)
+    feats = teacher_features(ref.dir)  # Table 9 and Figs. 1-2; Tables 7-8 too when no run kept a cache
+    written += teacher_stats_outputs(runs, out, feats)
     written += loss_curve_outputs(first, out)
-    written += teacher_feature_outputs(ref, out, sampled())
+    written += teacher_feature_outputs(ref, out, feats)
     written += channel_loss_outputs(first, out)
     written.append(write_index(out))
     for path in written:

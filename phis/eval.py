@@ -199,10 +199,7 @@ def _heldout_loader(
     """A held-out split of the run's data (``auto``: ``test`` if configured, else ``val``; its first
     ``limit`` images if given) with cached teacher targets."""
     dm = build_datamodule(train_cfg)
-    if split == "auto":
-        split = "test" if "test" in dm.sets else "val"
-    elif split not in dm.sets:
-        raise ValueError(f"eval.heldout_split={split!r}, but the run's data has only {sorted(dm.sets)}")
+    split = _resolve_split(split, dm.sets)
     for name, cache in dm.caches.get(split, {}).items():
         cache.ensure(lambda n=name: teachers(n), dm.cache_batch_size, dm.num_workers)  # built only if missing
     return split, DataLoader(dm.dataset(split, limit), batch_size=batch_size)
@@ -221,11 +218,12 @@ def teacher_metrics(
     return teacher_metric_names(module.heldout_metrics(batches, teachers=teachers))
 
 
-def _measured_split(measured: Mapping[str, Any], choice: str) -> str:
-    """The split of ``measured`` that eval.heldout_split names (auto: test if measured, else val)."""
-    split = ("test" if "test" in measured else "val") if choice == "auto" else choice
-    if split not in measured:
-        raise ValueError(f"eval.heldout_split={choice!r}, but the run's data has only {sorted(measured)}")
+def _resolve_split(choice: str, available: Iterable[str]) -> str:
+    """The held-out split eval.heldout_split names among ``available`` (auto: test if there, else val)."""
+    available = set(available)
+    split = ("test" if "test" in available else "val") if choice == "auto" else choice
+    if split not in available:
+        raise ValueError(f"eval.heldout_split={choice!r}, but the run's data has only {sorted(available)}")
     return split
 
 
@@ -376,7 +374,7 @@ def evaluate_module(
     module.eval()
     try:
         if ecfg.teacher_mse and measured is not None:
-            split = _measured_split(measured, ecfg.heldout_split)
+            split = _resolve_split(ecfg.heldout_split, measured)
             details["tmse"] = {"heldout": split, "stored_in": f"heldout.{split}"}
         elif ecfg.teacher_mse:
             split = "given"

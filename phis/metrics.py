@@ -16,9 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from phis.evaldata import (
-    IGNORE_INDEX,
-)
+from phis.evaldata import IGNORE_INDEX
 from phis.stats import ChannelMoments
 
 DEFAULT_TEMPLATE = "a photo of a {c}."

@@ -90,6 +90,28 @@ def _combine(
     return n, mean_a + delta * (n_b / n), m2_a + m2_b + cross * (n_a * n_b / n)
 
 
+def _all_reduced(count: float, mean: Tensor, m2: Tensor) -> tuple[float, Tensor, Tensor] | None:
+    """(count, mean, M2) of every rank's tokens together, exact in float64; None without a process group
+    (or with one rank, or no token on any rank). M2 is [C, C] or its diagonal [C], as in ``_combine``.
+
+    The global mean comes from all-reduced sums of n and n·μ; then each rank contributes its M2 about
+    that mean, M2_r + n_r (μ_r − μ)(μ_r − μ)ᵀ, and those are summed.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    sums = torch.cat([mean.new_tensor([count]), mean * count])  # [1 + C]: n and n·μ
+    dist.all_reduce(sums)
+    n = float(sums[0])
+    if n == 0:
+        return None
+    global_mean = sums[1:] / n
+    delta = mean - global_mean
+    cross = torch.outer(delta, delta) if m2.ndim == 2 else delta * delta
+    m2 = m2 + cross * count
+    dist.all_reduce(m2)
+    return n, global_mean, m2
+
+
 class StreamingMoments(nn.Module):
     """Running token count, mean [C] and scatter matrix about the mean [C, C], all float64 buffers.
 
@@ -204,25 +226,16 @@ class StreamingMoments(nn.Module):
     def all_reduce_(self) -> StreamingMoments:
         """Replace local statistics by those of all ranks' tokens together (no-op without a process group).
 
-        Exact in float64: the global mean comes from all-reduced sums of n and n·μ, then each rank
-        contributes its scatter about that global mean, M2_r + n_r (μ_r - μ)(μ_r - μ)ᵀ, and those are
-        summed. Afterwards every rank holds the global statistics, so a second call after more local
-        updates would count the earlier tokens once per rank; use :meth:`all_reduced` for periodic refits.
+        Exact in float64 (:func:`_all_reduced`). Afterwards every rank holds the global statistics, so a
+        second call after more local updates would count the earlier tokens once per rank; use
+        :meth:`all_reduced` for periodic refits.
         """
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return self
-        sums = torch.cat([self.count[None], self.mean * self.count])  # [1 + C]: n and n·μ
-        dist.all_reduce(sums)
-        n_sum = sums[0]
-        if float(n_sum) == 0:
-            return self
-        mean = sums[1:] / n_sum
-        delta = self.mean - mean
-        m2 = self.m2 + torch.outer(delta, delta) * self.count
-        dist.all_reduce(m2)
-        self.count.copy_(n_sum)
-        self.mean.copy_(mean)
-        self.m2.copy_(0.5 * (m2 + m2.T))
+        merged = _all_reduced(float(self.count), self.mean, self.m2)
+        if merged is not None:
+            count, mean, m2 = merged
+            self.count.fill_(count)
+            self.mean.copy_(mean)
+            self.m2.copy_(0.5 * (m2 + m2.T))
         return self
 
     def all_reduced(self) -> StreamingMoments:
@@ -264,20 +277,13 @@ class ChannelMoments:
 
     def all_reduce_(self) -> ChannelMoments:
         """Replace local statistics by those of all ranks together (no-op without a process group);
-        exact in float64, as :meth:`StreamingMoments.all_reduce_`. Needs ``dim`` on every rank."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return self
+        exact in float64 (:func:`_all_reduced`). Needs ``dim`` on every rank."""
         if self.mean is None:
             raise ValueError("ChannelMoments.all_reduce_ needs the width: construct it with dim=C")
-        sums = torch.cat([self.mean.new_tensor([float(self.count)]), self.mean * self.count])
-        dist.all_reduce(sums)
-        n = float(sums[0])
-        if n == 0:
-            return self
-        mean = sums[1:] / n
-        m2 = self.m2 + (self.mean - mean).square() * self.count
-        dist.all_reduce(m2)
-        self.count, self.mean, self.m2 = int(n), mean, m2
+        merged = _all_reduced(float(self.count), self.mean, self.m2)
+        if merged is not None:
+            count, self.mean, self.m2 = merged
+            self.count = int(count)
         return self
 
     @property
@@ -304,15 +310,16 @@ TABLE7_KEYS = (
 )
 
 
-def token_moments(tokens: Tensor) -> StreamingMoments:
-    """Float64 moments of a token matrix ``[N, C]``."""
-    moments = StreamingMoments(tokens.shape[-1], torch.float64)
+def token_moments(tokens: Tensor) -> ChannelMoments:
+    """Float64 per-channel moments of a token matrix ``[N, C]`` (all that activation statistics need)."""
+    moments = ChannelMoments(tokens.shape[-1], tokens.device)
     moments.update(tokens)
     return moments
 
 
-def activation_stats(moments: StreamingMoments) -> dict[str, float]:
-    """A teacher's activation statistics (PHI-S Tables 7 and 8) from the float64 moments of its tokens.
+def activation_stats(moments: StreamingMoments | ChannelMoments) -> dict[str, float]:
+    """A teacher's activation statistics (PHI-S Tables 7 and 8) from the float64 moments of its tokens
+    (a cache's stored ``StreamingMoments``, or per-channel ``ChannelMoments``).
 
     Channel means and population stds (their ranges), the mean and population std over every value
     (σ_g² = mean_c Var_c + Var_c(μ_c)), and the scale factors α_gs = 1/σ_g of global standardization
@@ -325,7 +332,7 @@ def activation_stats(moments: StreamingMoments) -> dict[str, float]:
     mean_var = float(var.mean())
     global_var = mean_var + float(mean.var(unbiased=False))
     return {
-        "feature_dim": moments.dim,
+        "feature_dim": mean.numel(),
         "tokens": int(moments.count),
         "channel_mean_min": float(mean.min()),
         "channel_mean_max": float(mean.max()),
