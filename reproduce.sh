@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Regenerate every table and figure of the PHI-S and SD-PLL reproductions with one command.
 #
-#   ./reproduce.sh                          # mini: offline teachers, 2 seeds, every table (~30 min, 2 cores)
+#   ./reproduce.sh                          # mini: offline teachers, 2 seeds, every table, then the
+#                                           # statistics-matched sweep (3 seeds) and the SD-PLL study
 #   ./reproduce.sh --profile smoke          # every table from tiny runs (a few minutes)
 #   ./reproduce.sh --profile paper --dry-run                  # compose every paper-scale job, run nothing
 #   ./reproduce.sh --profile paper --launcher slurm           # paper scale through hydra-submitit (SLURM)
 #
-# Options: --profile smoke|mini|paper   --launcher local|slurm   --dry-run   --only all|phis|sd
+# Options: --profile smoke|mini|paper   --launcher local|slurm   --dry-run   --only all|phis|phis_matched|sd
 #          --runs DIR (run outputs, default outputs/reproduce)   --results DIR (tables and figures;
 #          default experiments/results for mini, <runs>/<profile>/tables otherwise)
 #          --lanes N (local launcher: the seeds of the method sweep run as N multiruns side by side;
@@ -17,6 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 PROFILES=(smoke mini paper)
+ONLYS=(all phis phis_matched sd)
 PROFILE=mini
 LAUNCHER=local
 DRY_RUN=0
@@ -39,13 +41,13 @@ while [[ $# -gt 0 ]]; do
     --lanes) need "$@"; LANES="$2"; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h|--help) usage; exit 0 ;;
-    *) die "unknown argument '$1'; valid: --profile {${PROFILES[*]}} --launcher {local,slurm} --only {all,phis,sd} --runs DIR --results DIR --dry-run" ;;
+    *) die "unknown argument '$1'; valid: --profile {${PROFILES[*]}} --launcher {local,slurm} --only {${ONLYS[*]}} --runs DIR --results DIR --dry-run" ;;
   esac
 done
 
 [[ " ${PROFILES[*]} " == *" $PROFILE "* ]] || die "unknown profile '$PROFILE'; choose one of: ${PROFILES[*]}"
 [[ "$LAUNCHER" == local || "$LAUNCHER" == slurm ]] || die "unknown launcher '$LAUNCHER'; choose one of: local slurm"
-[[ "$ONLY" == all || "$ONLY" == phis || "$ONLY" == sd ]] || die "unknown --only '$ONLY'; choose one of: all phis sd"
+[[ " ${ONLYS[*]} " == *" $ONLY "* ]] || die "unknown --only '$ONLY'; choose one of: ${ONLYS[*]}"
 if [[ -z "$LANES" ]]; then if [[ "$PROFILE" == mini ]]; then LANES=2; else LANES=1; fi; fi
 [[ "$LANES" =~ ^[1-9][0-9]*$ ]] || die "--lanes must be a positive integer, got '$LANES'"
 
@@ -67,12 +69,16 @@ START=$SECONDS
 stage() { echo; echo "=== [reproduce $PROFILE] $* ($(( SECONDS - START )) s elapsed)"; }
 
 if [[ $DRY_RUN == 1 ]]; then
-  if [[ "$ONLY" != sd ]]; then
+  if [[ "$ONLY" == all || "$ONLY" == phis ]]; then
     stage "dry run: composing every PHI-S job config"
     "$PY" -m experiments.phis_tables dry-run --profile "$PROFILE" "${DRY_LAUNCH[@]}" \
       "reproduce.runs=$RUNS" "reproduce.tables=$RESULTS/phis"
   fi
-  if [[ "$ONLY" != phis ]]; then
+  if [[ "$ONLY" == phis_matched ]]; then
+    stage "dry run: composing the statistics-matched sweep's config"
+    "$PY" -m phis.train experiment=phis_methods_matched "+profile=$PROFILE" --cfg job --resolve > /dev/null
+  fi
+  if [[ "$ONLY" == all || "$ONLY" == sd ]]; then
     stage "dry run: composing the SD-PLL paper-table config"
     "$PY" -m phis.selfdistill.run sd_experiment=paper_table --cfg job --resolve > /dev/null
   fi
@@ -90,37 +96,58 @@ phis_sweep() {  # $1: experiment; a failed job stops the sweep, so aggregate wha
   fi
 }
 
-phis_lanes() {  # the method sweep as LANES multiruns side by side, seeds dealt round-robin, then the tables
-  local sweep="$RUNS/$PROFILE/phis_methods" logs="$RUNS/$PROFILE/logs" seeds lane pids=() failed=0
-  seeds=$(sed -n 's/^ *seed: *//p' "conf/profile/$PROFILE.yaml" | tail -1)
-  IFS=, read -r -a seeds <<< "$seeds"
+phis_lanes() {  # $1: experiment, $2: seeds (a,b,...), $3: tables dir; the method sweep as LANES multiruns
+  # side by side, seeds dealt round-robin, then the tables
+  local exp="$1" out="$3" sweep="$RUNS/$PROFILE/$1" logs="$RUNS/$PROFILE/logs" seeds lane pids=() failed=0
+  IFS=, read -r -a seeds <<< "$2"
   mkdir -p "$logs"
   for (( lane = 0; lane < LANES && lane < ${#seeds[@]}; lane++ )); do
     local mine=() i
     for (( i = lane; i < ${#seeds[@]}; i += LANES )); do mine+=("${seeds[$i]}"); done
     local list; list=$(IFS=,; echo "${mine[*]}")
-    stage "PHI-S: phis_methods lane $lane (seeds $list) -> $sweep, log $logs/phis_methods_lane$lane.log"
-    "$PY" -m phis.train -m experiment=phis_methods "${COMMON[@]}" "seed=$list" "~hydra.callbacks.aggregate" \
-      > "$logs/phis_methods_lane$lane.log" 2>&1 &
+    stage "PHI-S: $exp lane $lane (seeds $list) -> $sweep, log $logs/${exp}_lane$lane.log"
+    "$PY" -m phis.train -m "experiment=$exp" "${COMMON[@]}" "seed=$list" "~hydra.callbacks.aggregate" \
+      > "$logs/${exp}_lane$lane.log" 2>&1 &
     pids+=($!)
   done
   for lane in "${!pids[@]}"; do
     if ! wait "${pids[$lane]}"; then failed=1; echo "[reproduce] lane $lane failed; see its log" >&2; fi
   done
   stage "PHI-S: aggregating $sweep"
-  "$PY" -m experiments.phis_tables aggregate "$sweep" "$RESULTS/phis"
+  "$PY" -m experiments.phis_tables aggregate "$sweep" "$out"
   if [[ $failed == 1 ]]; then echo "[reproduce] a job failed; rerun to retry it" >&2; exit 1; fi
 }
 
-if [[ "$ONLY" != sd ]]; then
-  if [[ $LANES -gt 1 && "$LAUNCHER" == local ]]; then phis_lanes; else phis_sweep phis_methods; fi
+profile_seeds=$(sed -n 's/^ *seed: *//p' "conf/profile/$PROFILE.yaml" | tail -1)
+if [[ "$ONLY" == all || "$ONLY" == phis ]]; then
+  if [[ $LANES -gt 1 && "$LAUNCHER" == local ]]; then
+    phis_lanes phis_methods "$profile_seeds" "$RESULTS/phis"
+  else
+    phis_sweep phis_methods
+  fi
   phis_sweep phis_analyses
   if [[ "$LAUNCHER" == slurm ]]; then
     echo "[reproduce] SLURM: each sweep's tables are written by its on_multirun_end hook on this host"
   fi
 fi
 
-if [[ "$ONLY" != phis ]]; then
+if [[ "$ONLY" == all && "$PROFILE" == mini || "$ONLY" == phis_matched ]]; then
+  # The statistics-matched teacher set (conf/teachers/offline_matched.yaml): real offline taps mapped onto
+  # PHI-S Table 7's statistics; built on the offline photos, so it belongs to the CPU profiles.
+  [[ "$PROFILE" != paper ]] || die "--only phis_matched uses the offline teachers; run it with --profile mini"
+  matched_out="$RESULTS/phis_matched"
+  if [[ $LANES -gt 1 && "$LAUNCHER" == local ]]; then
+    phis_lanes phis_methods_matched 0,1,2 "$matched_out"
+  else
+    "$PY" -m phis.train -m experiment=phis_methods_matched "${COMMON[@]}" seed=0,1,2 \
+      "reproduce.tables=$matched_out" || { echo "[reproduce] a matched job failed; rerun to retry" >&2; exit 1; }
+  fi
+  stage "PHI-S matched: analyses and the paper's claims -> $matched_out"
+  "$PY" -m experiments.phis_tables analyses "$RUNS/$PROFILE/phis_methods_matched" "$matched_out"
+  "$PY" -m experiments.phis_claims "$RUNS/$PROFILE/phis_methods_matched" "$matched_out"
+fi
+
+if [[ "$ONLY" == all || "$ONLY" == sd ]]; then
   if [[ "$PROFILE" == paper ]]; then
     stage "SD-PLL: paper-table multirun (needs the paper's datasets; see conf/sd_experiment/paper_table.yaml)"
     # phis.selfdistill.sweep trains every (eta, seed) job's probes as one batch, then runs the multirun.
@@ -134,6 +161,9 @@ if [[ "$ONLY" != phis ]]; then
 fi
 
 stage "done in $(( SECONDS - START )) s"
-if [[ "$ONLY" != sd ]]; then echo "PHI-S tables and figures: $RESULTS/phis/README.md"; fi
-if [[ "$ONLY" != phis ]]; then echo "SD-PLL tables and figures: $RESULTS/selfdistill/"; fi
+if [[ "$ONLY" == all || "$ONLY" == phis ]]; then echo "PHI-S tables and figures: $RESULTS/phis/README.md"; fi
+if [[ -d "$RESULTS/phis_matched" && "$ONLY" != sd && "$ONLY" != phis ]]; then
+  echo "PHI-S on the statistics-matched teachers: $RESULTS/phis_matched/README.md (claims: claims.md)"
+fi
+if [[ "$ONLY" == all || "$ONLY" == sd ]]; then echo "SD-PLL tables and figures: $RESULTS/selfdistill/"; fi
 exit 0

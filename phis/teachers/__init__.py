@@ -26,6 +26,7 @@ _FAMILY_CLASSES: dict[str, tuple[str, str]] = {
     "sam": ("phis.teachers.sam", "SamTeacher"),
     "timm": ("phis.teachers.timm", "TimmTeacher"),
     "efficientnet_lite": ("phis.teachers.efficientnet_lite", "EfficientNetLiteTeacher"),
+    "stats_matched": ("phis.teachers.matched", "StatsMatchedTeacher"),
 }
 TEACHER_FAMILIES: tuple[str, ...] = tuple(_FAMILY_CLASSES)
 
