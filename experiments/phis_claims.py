@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from experiments.phis_index import write_index
 from experiments.phis_runs import LABELS, METHODS_5, METHODS_10, Run, by_method, load_runs
 from experiments.phis_table_writers import seed_rank_tables
 from phis.results import atomic_write_text, format_mean_std
@@ -291,6 +292,7 @@ def write_claims(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
         lines += [f"- **{c.verdict}** — {c.claim}. {c.measure}: {c.ours}. {c.test}."]
     lines += ["", *[f"- {n}" for n in notes], ""]
     atomic_write_text(out / "claims.md", "\n".join(lines))
+    write_index(out)
     print(f"[phis_claims] wrote {out / 'claims.md'}")
     return out / "claims.md"
 

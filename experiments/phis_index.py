@@ -31,6 +31,7 @@ INDEX_FILES = {
     "fig3_loss_curves": "Fig. 3: per-teacher training loss curves (the .md: final and minimum values)",
     "fig9_channel_loss_histograms": "Fig. 9: per-channel teacher-MSE histograms",
     "fig9_channel_losses": "numbers behind Fig. 9: min / median / max per-channel MSE",
+    "claims": "the paper's claims tested on this sweep: agree / disagree / inconclusive, paired tests",
 }
 
 

@@ -151,6 +151,16 @@ def test_bad_profile_names_the_choices() -> None:
     assert "unknown profile 'huge'" in proc.stderr and "smoke mini paper" in proc.stderr
     proc = _reproduce("--launcher", "pbs")
     assert proc.returncode == 2 and "local slurm" in proc.stderr
+    proc = _reproduce("--only", "matched")
+    assert proc.returncode == 2 and "all phis phis_matched sd" in proc.stderr
+
+
+def test_matched_sweep_composes_and_is_refused_at_paper_scale() -> None:
+    proc = _reproduce("--only", "phis_matched", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "statistics-matched" in proc.stdout and "SD-PLL" not in proc.stdout
+    proc = _reproduce("--profile", "paper", "--only", "phis_matched")
+    assert proc.returncode == 2 and "run it with --profile mini" in proc.stderr
 
 
 @pytest.fixture(scope="module")
