@@ -144,7 +144,8 @@ def write_accuracy_tables(experiment: str, results: Sequence[dict], out_dir: Pat
         title = f"{experiment}: {METRICS[metric]}. {context}"
         if metric == "test_acc_last" and solvers == ["exact"]:
             title += ". Exact solver: best-over-epochs = last"
-        written += list(write_table(out_dir / f"{stem}_{metric}", header, rows, title=title))
+        # explicit suffix: a stem with a dot (lam_0.0005) would otherwise lose its tail to with_suffix
+        written += list(write_table(out_dir / f"{stem}_{metric}.md", header, rows, title=title))
     block = first.get("features_kind") == "block"
     metric = "train_acc_true" if block else "test_acc_last"
     written.append(gain_figure(results, metric, out_dir / f"{stem}_gain.png", f"{experiment}: {context}"))
