@@ -79,8 +79,8 @@ if [[ $DRY_RUN == 1 ]]; then
     "$PY" -m phis.train experiment=phis_methods_matched "+profile=$PROFILE" --cfg job --resolve > /dev/null
   fi
   if [[ "$ONLY" == all || "$ONLY" == sd ]]; then
-    stage "dry run: composing the SD-PLL paper-table config"
-    "$PY" -m phis.selfdistill.run sd_experiment=paper_table --cfg job --resolve > /dev/null
+    stage "dry run: listing every SD-PLL job of profile $PROFILE (and whether its data is ready)"
+    "$PY" -m experiments.selfdistill dry-run --profile "$PROFILE" --sweeps "$RUNS/$PROFILE/selfdistill"
   fi
   stage "dry run done: every job config resolves"
   exit 0
@@ -148,16 +148,12 @@ if [[ "$ONLY" == all && "$PROFILE" == mini || "$ONLY" == phis_matched ]]; then
 fi
 
 if [[ "$ONLY" == all || "$ONLY" == sd ]]; then
-  if [[ "$PROFILE" == paper ]]; then
-    stage "SD-PLL: paper-table multirun (needs the paper's datasets; see conf/sd_experiment/paper_table.yaml)"
-    # phis.selfdistill.sweep trains every (eta, seed) job's probes as one batch, then runs the multirun.
-    "$PY" -m phis.selfdistill.sweep sd_experiment=paper_table "tables_dir=$RESULTS/selfdistill" \
-      "hydra.sweep.dir=$RUNS/$PROFILE/selfdistill/paper_table"
-  else
-    stage "SD-PLL: $PROFILE study -> $RESULTS/selfdistill"
-    "$PY" -m experiments.selfdistill run --profile "$PROFILE" --out "$RESULTS/selfdistill" \
-      --sweeps "$RUNS/$PROFILE/selfdistill"
-  fi
+  # paper: the six datasets' grids (conf/sd_experiment/paper_<dataset>.yaml); their roots come from
+  # PHIS_<DATASET>_ROOT or PHIS_SD_DATA_ROOT/<dataset>, the ResNet34 weights from PHIS_RESNET34_WEIGHTS.
+  # Each sweep trains its jobs' probes in batches (phis.selfdistill.sweep), then runs its multirun.
+  stage "SD-PLL: $PROFILE study -> $RESULTS/selfdistill"
+  "$PY" -m experiments.selfdistill run --profile "$PROFILE" --out "$RESULTS/selfdistill" \
+    --sweeps "$RUNS/$PROFILE/selfdistill"
 fi
 
 stage "done in $(( SECONDS - START )) s"

@@ -1,12 +1,16 @@
 """SD-PLL paper layer: the tables and figures built from sweep results, and the study driver.
 
     python -m experiments.selfdistill run --profile mini --out experiments/results/selfdistill
+    python -m experiments.selfdistill run --profile paper [overrides...]   # the six datasets' grids
+    python -m experiments.selfdistill dry-run --profile paper               # list the jobs, run nothing
     python -m experiments.selfdistill aggregate <sweep_dir> <out_dir>
 
 ``run`` launches every experiment's sweep (``python -m phis.selfdistill.sweep sd_experiment=<name>
 hydra.sweep.dir=<sweeps>/<name>``: the SGD jobs of a table trained as batches of probes, then the Hydra
-multirun, which skips them and runs the rest), a few side by side, then aggregates. Sweep
-directories are deterministic (``multirun/selfdistill/<profile>`` unless ``--sweeps`` says otherwise),
+multirun, which skips them and runs the rest), a few side by side, then aggregates. Before launching
+anything it checks that every experiment's features are cached or extractable (the paper datasets'
+roots and the ResNet34 weights), failing at once with the variables to set. Sweep directories are
+deterministic (``multirun/selfdistill/<profile>`` unless ``--sweeps`` says otherwise),
 so a re-run skips finished jobs and retries failed ones. ``aggregate`` turns whatever finished under
 a sweep directory into tables (markdown + CSV: rows Teacher, 2..5, PLL × η columns, mean ± std over
 seeds, in %) and figures (PNG); it is also the Hydra ``on_multirun_end`` hook of conf/selfdistill.yaml.
@@ -36,6 +40,9 @@ from phis.results import (
     write_table,
 )
 from phis.selfdistill import plots
+from phis.selfdistill.features import TORCHVISION_SETS, check_source
+from phis.selfdistill.run import validate
+from phis.selfdistill.sweep import sweep_plan
 
 # Experiments in launch order (longest first, so side-by-side lanes finish together).
 EXPERIMENTS = (
@@ -47,6 +54,8 @@ EXPERIMENTS = (
     "eigen_decay",
     "simplex",
 )
+# The paper's grid on its six datasets (conf/sd_experiment/paper_<dataset>.yaml).
+PAPER_EXPERIMENTS = tuple(f"paper_{name}" for name in TORCHVISION_SETS)
 PROFILES: dict[str, dict[str, list[str]]] = {
     # tiny versions of the block-model experiments: seconds each, for a quick end-to-end check
     "smoke": {
@@ -64,6 +73,9 @@ PROFILES: dict[str, dict[str, list[str]]] = {
     # the study as the experiment files define it: real features with the paper's SGD recipe, block
     # model with the exact solver
     "mini": {name: [] for name in EXPERIMENTS},
+    # the paper's full grid: 6 datasets × 3 corruptions × 2 λ × 8 η × 3 seeds, ResNet34 features of
+    # local copies of the datasets (roots from PHIS_<DATASET>_ROOT or PHIS_SD_DATA_ROOT)
+    "paper": {name: [] for name in PAPER_EXPERIMENTS},
 }
 METRICS = {
     "test_acc_last": "test accuracy (%), last epoch",
@@ -119,6 +131,9 @@ def write_accuracy_tables(experiment: str, results: Sequence[dict], out_dir: Pat
         + (f" ({key})" if key else "")
         + f", λ={first['lam']:g}, solver {'/'.join(solvers)}, seeds {seeds}; mean ± std over seeds"
     )
+    recipe_lam = first.get("config", {}).get("sd", {}).get("features", {}).get("paper_lam")
+    if recipe_lam is not None and math.isclose(float(recipe_lam), first["lam"]):
+        context += " (the official recipe's λ for this dataset)"
     if first.get("teacher_checkpoint", "last") == "best_test":
         context += "; each round taught by its best-test-accuracy epoch (the official protocol)"
     metrics = list(METRICS)
@@ -129,7 +144,8 @@ def write_accuracy_tables(experiment: str, results: Sequence[dict], out_dir: Pat
         title = f"{experiment}: {METRICS[metric]}. {context}"
         if metric == "test_acc_last" and solvers == ["exact"]:
             title += ". Exact solver: best-over-epochs = last"
-        written += list(write_table(out_dir / f"{stem}_{metric}", header, rows, title=title))
+        # explicit suffix: a stem with a dot (lam_0.0005) would otherwise lose its tail to with_suffix
+        written += list(write_table(out_dir / f"{stem}_{metric}.md", header, rows, title=title))
     block = first.get("features_kind") == "block"
     metric = "train_acc_true" if block else "test_acc_last"
     written.append(gain_figure(results, metric, out_dir / f"{stem}_gain.png", f"{experiment}: {context}"))
@@ -249,24 +265,74 @@ def aggregate(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[
     return written
 
 
-def run_study(
-    profile: str, out: str | os.PathLike, sweeps: str | os.PathLike | None = None, lanes: int = 2
-) -> int:
-    """Launch the profile's multiruns (``lanes`` at a time), aggregate, write SUMMARY.md; 0 if all ran."""
+def _arguments(profile: str, name: str, sweeps: Path, overrides: Sequence[str]) -> list[str]:
+    """The ``phis.selfdistill.sweep`` arguments of one experiment of a profile."""
+    return [f"sd_experiment={name}", f"hydra.sweep.dir={sweeps / name}", *PROFILES[profile][name], *overrides]
+
+
+def _profile_experiments(profile: str) -> list[str]:
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {list(PROFILES)}")
+    return [name for name in (*EXPERIMENTS, *PAPER_EXPERIMENTS) if name in PROFILES[profile]]
+
+
+def check_data(profile: str, sweeps: Path, overrides: Sequence[str] = ()) -> list[str]:
+    """One line per experiment whose features are neither cached nor extractable (empty: all ready)."""
+    problems = []
+    for name in _profile_experiments(profile):
+        base, _ = sweep_plan(_arguments(profile, name, sweeps, overrides))
+        try:
+            check_source(base["sd"]["features"], base["cache_dir"])
+        except FileNotFoundError as err:
+            problems.append(f"{name}: {err}")
+    return problems
+
+
+def dry_run(profile: str, sweeps: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> int:
+    """List every job of the profile's sweeps (composing one config per experiment, validated) and
+    whether each experiment's data is ready; runs nothing. 0 when every experiment composes."""
+    sweeps = Path(sweeps) if sweeps else Path("multirun") / "selfdistill" / profile
+    total = 0
+    for name in _profile_experiments(profile):
+        base, jobs = sweep_plan(_arguments(profile, name, sweeps, overrides))
+        validate(base)
+        try:
+            check_source(base["sd"]["features"], base["cache_dir"])
+            data = "features cached or extractable"
+        except FileNotFoundError as err:
+            data = f"NOT READY: {err}"
+        print(f"[sd] {name}: {len(jobs)} jobs -> {sweeps / name}; {data}")
+        for job in jobs:
+            print("    " + " ".join(o for o in job if not o.startswith("sd_experiment=")))
+        total += len(jobs)
+    print(f"[sd] dry run: {total} jobs in profile {profile!r}; nothing ran")
+    return 0
+
+
+def run_study(
+    profile: str,
+    out: str | os.PathLike,
+    sweeps: str | os.PathLike | None = None,
+    lanes: int = 2,
+    overrides: Sequence[str] = (),
+) -> int:
+    """Launch the profile's multiruns (``lanes`` at a time, ``overrides`` added to each), aggregate,
+    write SUMMARY.md; 0 if all ran. Missing data fails before anything runs."""
+    queue = _profile_experiments(profile)
     out = Path(out)
     sweeps = Path(sweeps) if sweeps else Path("multirun") / "selfdistill" / profile
+    problems = check_data(profile, sweeps, overrides)
+    if problems:
+        raise FileNotFoundError("features cannot be read or extracted:\n" + "\n".join(problems))
     sweeps.mkdir(parents=True, exist_ok=True)
-    queue = [name for name in EXPERIMENTS if name in PROFILES[profile]]
     running: dict[str, tuple[subprocess.Popen, float, object]] = {}
     status: dict[str, dict] = {}
     t0 = time.perf_counter()
     while queue or running:
         while queue and len(running) < lanes:
             name = queue.pop(0)
-            cmd = [sys.executable, "-m", "phis.selfdistill.sweep", f"sd_experiment={name}"]
-            cmd += [f"hydra.sweep.dir={sweeps / name}", f"tables_dir={out}", *PROFILES[profile][name]]
+            cmd = [sys.executable, "-m", "phis.selfdistill.sweep"]
+            cmd += [*_arguments(profile, name, sweeps, overrides), f"tables_dir={out}"]
             log = open(sweeps / f"{name}.log", "w")  # closed when the process ends
             print(f"[sd] start {name}: {' '.join(cmd[1:])}", flush=True)
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -312,16 +378,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="launch every SD-PLL experiment's sweep, then aggregate")
-    run.add_argument("--profile", choices=sorted(PROFILES), default="mini")
+    dry = sub.add_parser("dry-run", help="list every job of a profile and whether its data is ready")
+    for cmd in (run, dry):
+        cmd.add_argument("--profile", choices=sorted(PROFILES), default="mini")
+        cmd.add_argument("--sweeps", default=None, help="sweep root (default multirun/selfdistill/<profile>)")
+        cmd.add_argument("overrides", nargs="*", help="Hydra overrides added to every experiment's sweep")
     run.add_argument("--out", default="experiments/results/selfdistill", help="tables and figures")
-    run.add_argument("--sweeps", default=None, help="sweep root (default multirun/selfdistill/<profile>)")
     run.add_argument("--lanes", type=int, default=2, help="sweeps run side by side (one core each)")
     agg = sub.add_parser("aggregate", help="tables/figures from the finished jobs of a (partial) sweep")
     agg.add_argument("sweep_dir")
     agg.add_argument("out_dir")
     args = parser.parse_args(argv)
+    if args.command == "dry-run":
+        return dry_run(args.profile, args.sweeps, args.overrides)
     if args.command == "run":
-        return run_study(args.profile, args.out, args.sweeps, args.lanes)
+        try:
+            return run_study(args.profile, args.out, args.sweeps, args.lanes, args.overrides)
+        except FileNotFoundError as err:
+            print(f"[sd] {err}", file=sys.stderr)
+            return 2
     written = aggregate(args.sweep_dir, args.out_dir)
     print(json.dumps([str(p) for p in written], indent=1))
     return 0

@@ -232,6 +232,7 @@ def test_paper_dry_run_composes_every_job(tmp_path: Path) -> None:
     proc = _reproduce("--profile", "paper", "--dry-run", "--launcher", "slurm", "--runs", str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "57/57 job configs of profile 'paper' resolve" in proc.stdout
+    assert "[sd] dry run: 864 jobs in profile 'paper'" in proc.stdout  # 6 datasets × 144
     assert not (tmp_path / "paper").exists()  # nothing ran
 
 

@@ -154,7 +154,7 @@ def test_every_experiment_composes_and_validates(experiment: str) -> None:
 
 
 def test_study_driver_rejects_unknown_profile(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"unknown profile 'huge'.*\['smoke', 'mini'\]"):
+    with pytest.raises(ValueError, match=r"unknown profile 'huge'.*\['smoke', 'mini', 'paper'\]"):
         study.run_study("huge", tmp_path)
 
 

@@ -7,21 +7,28 @@ Three sources, picked by ``sd.features.kind``:
   ``photo_crops`` (crops of the photos shipped with scikit-image/scikit-learn/matplotlib, one class per
   photo, train and test crops cut from disjoint parts (70 / 30 %) of each photo);
 - ``torchvision``: the paper's path for users with data: ImageNet ResNet34 (512-d) features of
-  CIFAR-100, Caltech-101/256, Flowers-102, Food-101 or StanfordCars read from a local copy. Nothing is
-  ever downloaded; a missing dataset or weight file fails at once naming the config key to set.
+  CIFAR-100, Caltech-101/256, Flowers-102, Food-101 or StanfordCars read from a local copy whose root
+  comes from ``sd.features.root``, $PHIS_<DATASET>_ROOT or $PHIS_SD_DATA_ROOT/<dataset>, the weights
+  from ``sd.features.weights``, $PHIS_RESNET34_WEIGHTS or the torch hub folder. Nothing is ever
+  downloaded; a missing dataset, layout or weight file fails at once naming the variable to set.
 
-Image features are cached as ``<cache_dir>/<extractor>_<dataset>_<size>px[_<params>].npz`` holding all
-features, labels and, where the dataset fixes one, the train/test assignment.
+EfficientNet features are cached as ``<cache_dir>/<extractor>_<dataset>_<size>px[_<params>].npz``
+holding all features, labels and, where the dataset fixes one, the train/test assignment; ResNet34
+features as ``<cache_dir>/resnet34_<weights hash>/<dataset>_<split>_<size>px.npz``, one file per split.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import torch
@@ -281,59 +288,195 @@ def _batches(n: int, batch_size: int) -> list[np.ndarray]:
 # ----------------------------------------------------------------------------------------------------
 # The paper's path: ImageNet ResNet34 features of torchvision datasets from a local copy
 
+SD_DATA_ROOT_ENV = "PHIS_SD_DATA_ROOT"
+WEIGHTS_ENV = "PHIS_RESNET34_WEIGHTS"
+HUB_WEIGHTS = "resnet34-b627a593.pth"  # torchvision's IMAGENET1K_V1 checkpoint file name
+# What torchvision 0.29 reads under each dataset's root ("/" ends a folder).
+LAYOUTS = {
+    "cifar100": ("cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"),
+    "caltech101": ("caltech101/101_ObjectCategories/", "caltech101/101_ObjectCategories/BACKGROUND_Google/"),
+    "caltech256": ("caltech256/256_ObjectCategories/",),
+    "flowers102": ("flowers-102/jpg/", "flowers-102/imagelabels.mat", "flowers-102/setid.mat"),
+    "food101": ("food-101/images/", "food-101/meta/train.json", "food-101/meta/test.json"),
+    "stanford_cars": (
+        "stanford_cars/devkit/cars_meta.mat",
+        "stanford_cars/devkit/cars_train_annos.mat",
+        "stanford_cars/cars_train/",
+        "stanford_cars/cars_test/",
+        "stanford_cars/cars_test_annos_withlabels.mat",
+    ),
+}
+# Splits extracted (and cached) per dataset; "all" = no official split, divided by stratified_split.
+SPLITS = {name: ("all",) if name.startswith("caltech") else ("train", "test") for name in TORCHVISION_SETS}
+CALTECH256_CLUTTER = "257.clutter"  # a background category, not a class
+
+
+def root_env(name: str) -> str:
+    """The environment variable holding dataset ``name``'s root, e.g. PHIS_CIFAR100_ROOT."""
+    return f"PHIS_{_choice(name, TORCHVISION_SETS, 'sd.features.dataset').upper()}_ROOT"
+
+
+def _layout_text(name: str) -> str:
+    return ", ".join(f"<root>/{p}" for p in LAYOUTS[name])
+
+
+def dataset_root(name: str, configured: str | os.PathLike | None = None) -> tuple[Path, str]:
+    """Dataset ``name``'s local root and where it came from: ``sd.features.root``, else
+    $PHIS_<NAME>_ROOT, else $PHIS_SD_DATA_ROOT/<name>; neither set is an error naming both."""
+    if configured:
+        return Path(configured), "sd.features.root"
+    env = root_env(name)
+    if os.environ.get(env):
+        return Path(os.environ[env]), env
+    if os.environ.get(SD_DATA_ROOT_ENV):
+        return Path(os.environ[SD_DATA_ROOT_ENV]) / name, SD_DATA_ROOT_ENV
+    raise FileNotFoundError(
+        f"no local copy of dataset {name!r}: set {env}=/path/to/root, or {SD_DATA_ROOT_ENV}=/data "
+        f"(read as /data/{name}), or sd.features.root; the root must hold torchvision's layout "
+        f"({_layout_text(name)}). This code never downloads"
+    )
+
+
+def check_layout(name: str, root: Path, source: str) -> None:
+    """Fail before any work when ``root`` lacks a file or folder torchvision reads for ``name``."""
+    present = {p: (root / p).is_dir() if p.endswith("/") else (root / p).is_file() for p in LAYOUTS[name]}
+    missing = [p for p, ok in present.items() if not ok]
+    if missing:
+        raise FileNotFoundError(
+            f"dataset {name!r} at {str(root)!r} (from {source}) lacks {missing}; torchvision expects "
+            f"{_layout_text(name)}. Point {source} at a local copy in that layout (never downloaded)"
+        )
+
+
+def resnet34_weights(configured: str | os.PathLike | None = None) -> Path:
+    """The ResNet34 ImageNet checkpoint: ``sd.features.weights``, else $PHIS_RESNET34_WEIGHTS, else
+    torchvision's file in the torch hub checkpoints folder; missing is an error (never downloaded)."""
+    if configured:
+        path, source = Path(configured), "sd.features.weights"
+    elif os.environ.get(WEIGHTS_ENV):
+        path, source = Path(os.environ[WEIGHTS_ENV]), WEIGHTS_ENV
+    else:
+        path, source = Path(torch.hub.get_dir()) / "checkpoints" / HUB_WEIGHTS, "the torch hub folder"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ResNet34 ImageNet weights not found at {str(path)!r} (from {source}); this code never "
+            f"downloads. Put torchvision's IMAGENET1K_V1 checkpoint ({HUB_WEIGHTS}) in the torch hub "
+            f"checkpoints folder, or set {WEIGHTS_ENV}=/path/to/resnet34.pth or "
+            "sd.features.weights=/path/to/resnet34.pth"
+        )
+    return path
+
+
+@functools.lru_cache(maxsize=16)
+def _file_digest(path: Path, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def weights_tag(path: Path) -> str:
+    """A short content hash of a weights file: features of different weights never share a cache."""
+    stat = path.stat()
+    return _file_digest(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
 
 def resnet34_extractor(weights: str | os.PathLike | None) -> torch.nn.Module:
     """torchvision ResNet34 with ImageNet weights read from disk; the head replaced by identity (512-d)."""
     import torchvision
 
-    path = Path(weights) if weights else Path(torch.hub.get_dir()) / "checkpoints" / "resnet34-b627a593.pth"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"ResNet34 ImageNet weights not found at {str(path)!r}; this code never downloads. Put the "
-            "torchvision IMAGENET1K_V1 checkpoint (resnet34-b627a593.pth) there or set "
-            "sd.features.weights=/path/to/resnet34.pth"
-        )
     model = torchvision.models.resnet34(weights=None)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    state = torch.load(resnet34_weights(weights), map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
     model.fc = torch.nn.Identity()
     return model.eval().requires_grad_(False)
 
 
-def torchvision_splits(
-    name: str, root: str | os.PathLike | None, transform: Callable
-) -> tuple[Any, Any | None]:
-    """(train, test) datasets as the paper's code splits them; ``test`` None means split 80/20 later.
+def feature_cache_paths(name: str, size: int, weights: Path, cache_dir: str | os.PathLike) -> dict[str, Path]:
+    """Cache file per split: ``<cache_dir>/resnet34_<weights hash>/<dataset>_<split>_<size>px.npz``."""
+    folder = Path(cache_dir) / f"resnet34_{weights_tag(weights)}"
+    return {split: folder / f"{name}_{split}_{size}px.npz" for split in SPLITS[name]}
+
+
+def check_torchvision_source(cfg: Mapping[str, Any], cache_dir: str | os.PathLike) -> None:
+    """Fail at once, before any training, if the features are not cached and cannot be extracted:
+    weights missing, dataset root unset, or the root not in torchvision's layout (all named)."""
+    name = _choice(cfg.get("dataset"), TORCHVISION_SETS, "sd.features.dataset")
+    problems = []
+    try:
+        paths = feature_cache_paths(
+            name, int(cfg.get("size", 224)), resnet34_weights(cfg.get("weights")), cache_dir
+        )
+        if all(p.is_file() for p in paths.values()):
+            return
+    except FileNotFoundError as err:
+        problems.append(str(err))
+    try:
+        check_layout(name, *dataset_root(name, cfg.get("root")))
+    except FileNotFoundError as err:
+        problems.append(str(err))
+    if problems:
+        raise FileNotFoundError("; ".join(problems))
+
+
+def check_source(cfg: Mapping[str, Any], cache_dir: str | os.PathLike) -> None:
+    """Whether ``load_features`` can run for this ``sd.features`` node without a late failure."""
+    if _choice(cfg.get("kind"), FEATURE_KINDS, "sd.features.kind") == "torchvision":
+        check_torchvision_source(cfg, cache_dir)
+
+
+@contextlib.contextmanager
+def _presence_checks_only() -> Iterator[None]:
+    """torchvision checks CIFAR-100's and Flowers-102's files against the published MD5 sums; inside
+    this context a file only has to exist (``sd.features.verify_checksums=false``)."""
+    import torchvision.datasets.cifar as tv_cifar
+    import torchvision.datasets.flowers102 as tv_flowers
+
+    def exists(fpath: str | os.PathLike, md5: str | None = None) -> bool:
+        return os.path.isfile(fpath)
+
+    with (
+        mock.patch.object(tv_cifar, "check_integrity", exists),
+        mock.patch.object(tv_flowers, "check_integrity", exists),
+    ):
+        yield
+
+
+def torchvision_split(
+    name: str, root: Path, split: str, transform: Callable, verify_checksums: bool = True
+) -> Any:
+    """One split of a dataset as the paper's code splits it ("all" where there is no official split).
 
     Flowers-102 trains on its larger 'test' split and tests on 'train', as the official code does;
-    Caltech-101/256 have no split (the clutter class of Caltech-256 is dropped).
+    Caltech-101/256 have no split (Caltech-101's background and Caltech-256's clutter are dropped).
     """
     import torchvision.datasets as tvd
 
-    _choice(name, TORCHVISION_SETS, "sd.features.dataset")
-    if not root:
-        raise FileNotFoundError(
-            f"dataset {name!r} needs a local copy; set sd.features.root=/path/to/data (never downloaded)"
-        )
+    _choice(split, SPLITS[name], f"split of {name}")
     kw = {"transform": transform, "download": False}
-    make = {
-        "cifar100": lambda split: tvd.CIFAR100(root, train=split == "train", **kw),
-        "flowers102": lambda split: tvd.Flowers102(root, split="test" if split == "train" else "train", **kw),
-        "food101": lambda split: tvd.Food101(root, split=split, **kw),
-        "stanford_cars": lambda split: tvd.StanfordCars(root, split=split, **kw),
-    }
+    checks = contextlib.nullcontext() if verify_checksums else _presence_checks_only()
     try:
-        if name == "caltech101":
-            return tvd.Caltech101(root, **kw), None
-        if name == "caltech256":
+        with checks:
+            if name == "cifar100":
+                return tvd.CIFAR100(root, train=split == "train", **kw)
+            if name == "flowers102":
+                return tvd.Flowers102(root, split="test" if split == "train" else "train", **kw)
+            if name == "food101":
+                return tvd.Food101(root, split=split, **kw)
+            if name == "stanford_cars":
+                return tvd.StanfordCars(root, split=split, **kw)
+            if name == "caltech101":
+                return tvd.Caltech101(root, **kw)
             full = tvd.Caltech256(root, **kw)
-            keep = [i for i, y in enumerate(full.y) if y != 256]  # 257.clutter is not a class
-            return torch.utils.data.Subset(full, keep), None
-        return make[name]("train"), make[name]("test")
-    except (RuntimeError, FileNotFoundError, OSError) as err:
+    except RuntimeError as err:
         raise FileNotFoundError(
-            f"dataset {name!r} not found under sd.features.root={str(root)!r} ({err}); this code never "
-            "downloads: point sd.features.root at a local copy in torchvision's layout"
+            f"dataset {name!r} under {str(root)!r} could not be read ({err}); torchvision checks "
+            "CIFAR-100's and Flowers-102's files against the published MD5 sums: a copy whose files "
+            "differ needs sd.features.verify_checksums=false"
         ) from err
+    clutter = full.categories.index(CALTECH256_CLUTTER) if CALTECH256_CLUTTER in full.categories else -1
+    return torch.utils.data.Subset(full, [i for i, y in enumerate(full.y) if y != clutter])
 
 
 @torch.no_grad()
@@ -358,21 +501,36 @@ def imagenet_transform(size: int) -> Callable:
 
 
 def torchvision_feature_set(cfg: Mapping[str, Any], cache_dir: str | os.PathLike) -> FeatureSet:
-    """ResNet34 features of a torchvision dataset, extracted once into the npz cache."""
+    """ResNet34 features of a torchvision dataset, each split extracted once into its own npz cache
+    (keyed by dataset, split, weights and size) and reused by every job of that dataset."""
     name = _choice(cfg.get("dataset"), TORCHVISION_SETS, "sd.features.dataset")
     size = int(cfg.get("size", 224))
-    stem = f"resnet34_{name}_{size}px"
-    path = Path(cache_dir) / f"{stem}.npz"
+    weights = resnet34_weights(cfg.get("weights"))
+    paths = feature_cache_paths(name, size, weights, cache_dir)
+    model: list[torch.nn.Module] = []  # built on the first cache miss only
 
-    def compute() -> dict[str, np.ndarray]:
-        train, test = torchvision_splits(name, cfg.get("root"), imagenet_transform(size))
-        model = resnet34_extractor(cfg.get("weights"))
-        bs, workers = int(cfg.get("batch_size", 128)), int(cfg.get("num_workers", 4))
-        X, y = extract_dataset(model, train, bs, workers, f"features {stem} train")
-        if test is None:
+    def extract(split: str) -> Callable[[], dict[str, np.ndarray]]:
+        def compute() -> dict[str, np.ndarray]:
+            root, source = dataset_root(name, cfg.get("root"))
+            check_layout(name, root, source)
+            data = torchvision_split(
+                name, root, split, imagenet_transform(size), bool(cfg.get("verify_checksums", True))
+            )
+            if not model:
+                model.append(resnet34_extractor(weights))
+            bs, workers = int(cfg.get("batch_size", 128)), int(cfg.get("num_workers", 4))
+            X, y = extract_dataset(model[0], data, bs, workers, f"features {paths[split].stem}")
             return {"features": X, "labels": y}
-        X_te, y_te = extract_dataset(model, test, bs, workers, f"features {stem} test")
-        is_test = np.r_[np.zeros(len(y), dtype=bool), np.ones(len(y_te), dtype=bool)]
-        return {"features": np.concatenate([X, X_te]), "labels": np.r_[y, y_te], "is_test": is_test}
 
-    return _to_feature_set(cfg.get("name", name), cached(path, compute), cfg)
+        return compute
+
+    arrays = {split: cached(path, extract(split)) for split, path in paths.items()}
+    if "all" in arrays:
+        return _to_feature_set(cfg.get("name", name), arrays["all"], cfg)
+    train, test = arrays["train"], arrays["test"]
+    merged = {
+        "features": np.concatenate([train["features"], test["features"]]),
+        "labels": np.r_[train["labels"], test["labels"]],
+        "is_test": np.r_[np.zeros(len(train["labels"]), bool), np.ones(len(test["labels"]), bool)],
+    }
+    return _to_feature_set(cfg.get("name", name), merged, cfg)

@@ -40,7 +40,7 @@ from phis.selfdistill.corruption import (
     find_superclasses,
     realized_matrix,
 )
-from phis.selfdistill.features import FeatureSet, atomic_savez, load_features
+from phis.selfdistill.features import FeatureSet, atomic_savez, check_source, load_features
 from phis.selfdistill.probe import (
     PLL_LOSSES,
     SOLVERS,
@@ -129,6 +129,13 @@ def _given_labels(cfg: Mapping[str, Any], feats: FeatureSet) -> dict[str, Any]:
     """The job's corrupted training labels and the corruption they came from."""
     ccfg, K = cfg["sd"]["corruption"], feats.num_classes
     superclass = superclasses_for(feats, ccfg) if ccfg["kind"] == "superclass" else None
+    if superclass is not None and float(ccfg["eta"]) > 0 and len(np.unique(superclass)) == K:
+        log.warning(
+            "superclass noise on %s: the clustering left every one of its %d classes alone, so the labels "
+            "stay clean (noise_realized = 0); a larger sd.corruption.cut merges more classes",
+            feats.name,
+            K,
+        )
     C = corruption_matrix(ccfg["kind"], K, float(ccfg["eta"]), superclass)
     y_given = corrupt_labels(feats.y_train, C, int(cfg["seed"]), exact=bool(ccfg.get("exact", False)))
     return {
@@ -291,7 +298,7 @@ def run_jobs_batched(jobs: Sequence[tuple[Mapping[str, Any], Path]], device: str
                 f"job {out_dir} is not batchable (task={cfg['task']!r}, sd.solver.name="
                 f"{cfg['sd']['solver']['name']!r}); only task='distill' with sd.solver.name='sgd' is"
             )
-        if is_finished(out_dir) and _same_job(read_json(out_dir / RESULTS_FILE).get("config"), cfg):
+        if finished(cfg, out_dir):
             log.info("already finished: %s", out_dir)
             continue
         groups.setdefault(_batch_key(cfg), []).append((cfg, out_dir))
@@ -322,6 +329,22 @@ def run_jobs_batched(jobs: Sequence[tuple[Mapping[str, Any], Path]], device: str
                 atomic_write_json(out_dir / RESULTS_FILE, {**result, "config": cfg, "status": "finished"})
             )
     return written
+
+
+def finished(cfg: Mapping[str, Any], out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds a finished run of this job's config (a rerun skips it)."""
+    return is_finished(out_dir) and _same_job(read_json(out_dir / RESULTS_FILE).get("config"), cfg)
+
+
+def check_sources(jobs: Sequence[tuple[Mapping[str, Any], Path]]) -> None:
+    """Fail before any training when an unfinished job's features are neither cached nor extractable
+    (dataset root unset or not in torchvision's layout, weights missing), naming what to set."""
+    seen: set[str] = set()
+    for cfg, out_dir in jobs:
+        key = json.dumps([cfg["sd"]["features"], cfg["cache_dir"]], sort_keys=True, default=str)
+        if key not in seen and not finished(cfg, out_dir):
+            seen.add(key)
+            check_source(cfg["sd"]["features"], cfg["cache_dir"])
 
 
 def _same_job(stored: Mapping[str, Any] | None, config: Mapping[str, Any]) -> bool:
