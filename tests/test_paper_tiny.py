@@ -186,6 +186,7 @@ def test_paper_tiny_reproduction_makes_every_phis_table_and_figure(tmp_path: Pat
     out = results / "phis"
     index = (out / "README.md").read_text()
     assert "Not made here" not in index, index
+    assert "- Seg: ade20k, voc" in index and "Cls: knn/image_folder, zero_shot/clip/image_folder" in index
     for stem in INDEX_FILES:
         made = [out / f"{stem}{ext}" for ext in (".md", ".png") if (out / f"{stem}{ext}").is_file()]
         assert made and all(p.stat().st_size > 100 for p in made), stem
