@@ -5,8 +5,9 @@
 #   ./reproduce.sh --profile smoke          # every table from tiny runs (a few minutes)
 #   ./reproduce.sh --profile paper --dry-run                  # compose every paper-scale job, run nothing
 #   ./reproduce.sh --profile paper --launcher slurm           # paper scale through hydra-submitit (SLURM)
+#   ./reproduce.sh --profile paper_tiny --only phis   # the paper profile at toy sizes on 2 CPU processes
 #
-# Options: --profile smoke|mini|paper   --launcher local|slurm   --dry-run   --only all|phis|sd
+# Options: --profile smoke|mini|paper|paper_tiny   --launcher local|slurm   --dry-run   --only all|phis|sd
 #          --runs DIR (run outputs, default outputs/reproduce)   --results DIR (tables and figures;
 #          default experiments/results for mini, <runs>/<profile>/tables otherwise)
 #          --lanes N (local launcher: the seeds of the method sweep run as N multiruns side by side;
@@ -16,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-PROFILES=(smoke mini paper)
+PROFILES=(smoke mini paper paper_tiny)
 PROFILE=mini
 LAUNCHER=local
 DRY_RUN=0
@@ -25,7 +26,7 @@ RUNS=outputs/reproduce
 RESULTS=""
 LANES=""
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "reproduce.sh: $*" >&2; exit 2; }
 need() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
 
@@ -46,6 +47,12 @@ done
 [[ " ${PROFILES[*]} " == *" $PROFILE "* ]] || die "unknown profile '$PROFILE'; choose one of: ${PROFILES[*]}"
 [[ "$LAUNCHER" == local || "$LAUNCHER" == slurm ]] || die "unknown launcher '$LAUNCHER'; choose one of: local slurm"
 [[ "$ONLY" == all || "$ONLY" == phis || "$ONLY" == sd ]] || die "unknown --only '$ONLY'; choose one of: all phis sd"
+if [[ "$ONLY" != phis && "$PROFILE" == paper_tiny ]]; then
+  echo "[reproduce] paper_tiny covers the PHI-S paper path only; the SD-PLL paper sweep has no tiny" \
+    "stand-in here: skipped (use --profile smoke for the SD-PLL study at tiny sizes)" >&2
+  [[ "$ONLY" == sd ]] && exit 0
+  ONLY=phis
+fi
 if [[ -z "$LANES" ]]; then if [[ "$PROFILE" == mini ]]; then LANES=2; else LANES=1; fi; fi
 [[ "$LANES" =~ ^[1-9][0-9]*$ ]] || die "--lanes must be a positive integer, got '$LANES'"
 
@@ -63,6 +70,11 @@ if [[ "$PROFILE" != paper ]]; then
 fi
 COMMON=("+profile=$PROFILE" "reproduce.runs=$RUNS" "reproduce.tables=$RESULTS/phis" "${LAUNCH[@]}")
 START=$SECONDS
+if [[ "$PROFILE" == paper_tiny && $DRY_RUN == 0 ]]; then
+  # the paper profile's PHIS_* data variables, pointed at stand-ins written from the offline photos
+  echo "[reproduce] paper_tiny: stand-in shards and ImageNet/ADE20k/VOC folders in $RUNS/$PROFILE/data"
+  eval "$("$PY" -m experiments.standins "$RUNS/$PROFILE/data")"
+fi
 
 stage() { echo; echo "=== [reproduce $PROFILE] $* ($(( SECONDS - START )) s elapsed)"; }
 
