@@ -6,8 +6,10 @@
 #   ./reproduce.sh --profile smoke          # every table from tiny runs (a few minutes)
 #   ./reproduce.sh --profile paper --dry-run                  # compose every paper-scale job, run nothing
 #   ./reproduce.sh --profile paper --launcher slurm           # paper scale through hydra-submitit (SLURM)
+#   ./reproduce.sh --profile paper_tiny --only phis   # the paper profile at toy sizes on 2 CPU processes
 #
-# Options: --profile smoke|mini|paper   --launcher local|slurm   --dry-run   --only all|phis|phis_matched|sd
+# Options: --profile smoke|mini|paper|paper_tiny   --launcher local|slurm   --dry-run
+#          --only all|phis|phis_matched|sd
 #          --runs DIR (run outputs, default outputs/reproduce)   --results DIR (tables and figures;
 #          default experiments/results for mini, <runs>/<profile>/tables otherwise)
 #          --lanes N (local launcher: the seeds of the method sweep run as N multiruns side by side;
@@ -17,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-PROFILES=(smoke mini paper)
+PROFILES=(smoke mini paper paper_tiny)
 ONLYS=(all phis phis_matched sd)
 PROFILE=mini
 LAUNCHER=local
@@ -27,7 +29,7 @@ RUNS=outputs/reproduce
 RESULTS=""
 LANES=""
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "reproduce.sh: $*" >&2; exit 2; }
 need() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
 
@@ -48,6 +50,12 @@ done
 [[ " ${PROFILES[*]} " == *" $PROFILE "* ]] || die "unknown profile '$PROFILE'; choose one of: ${PROFILES[*]}"
 [[ "$LAUNCHER" == local || "$LAUNCHER" == slurm ]] || die "unknown launcher '$LAUNCHER'; choose one of: local slurm"
 [[ " ${ONLYS[*]} " == *" $ONLY "* ]] || die "unknown --only '$ONLY'; choose one of: ${ONLYS[*]}"
+if [[ ("$ONLY" == all || "$ONLY" == sd) && "$PROFILE" == paper_tiny ]]; then
+  echo "[reproduce] paper_tiny covers the PHI-S paper path only; the SD-PLL paper sweep has no tiny" \
+    "stand-in here: skipped (use --profile smoke for the SD-PLL study at tiny sizes)" >&2
+  [[ "$ONLY" == sd ]] && exit 0
+  ONLY=phis
+fi
 if [[ -z "$LANES" ]]; then if [[ "$PROFILE" == mini ]]; then LANES=2; else LANES=1; fi; fi
 [[ "$LANES" =~ ^[1-9][0-9]*$ ]] || die "--lanes must be a positive integer, got '$LANES'"
 
@@ -65,6 +73,11 @@ if [[ "$PROFILE" != paper ]]; then
 fi
 COMMON=("+profile=$PROFILE" "reproduce.runs=$RUNS" "reproduce.tables=$RESULTS/phis" "${LAUNCH[@]}")
 START=$SECONDS
+if [[ "$PROFILE" == paper_tiny && $DRY_RUN == 0 ]]; then
+  # the paper profile's PHIS_* data variables, pointed at stand-ins written from the offline photos
+  echo "[reproduce] paper_tiny: stand-in shards and ImageNet/ADE20k/VOC folders in $RUNS/$PROFILE/data"
+  eval "$("$PY" -m experiments.standins "$RUNS/$PROFILE/data")"
+fi
 
 stage() { echo; echo "=== [reproduce $PROFILE] $* ($(( SECONDS - START )) s elapsed)"; }
 
@@ -133,8 +146,8 @@ fi
 
 if [[ "$ONLY" == all && "$PROFILE" == mini || "$ONLY" == phis_matched ]]; then
   # The statistics-matched teacher set (conf/teachers/offline_matched.yaml): real offline taps mapped onto
-  # PHI-S Table 7's statistics; built on the offline photos, so it belongs to the CPU profiles.
-  [[ "$PROFILE" != paper ]] || die "--only phis_matched uses the offline teachers; run it with --profile mini"
+  # PHI-S Table 7's statistics, fitted on the offline photos: it belongs to the mini profile.
+  [[ "$PROFILE" == mini ]] || die "--only phis_matched uses the offline teachers; run it with --profile mini"
   matched_out="$RESULTS/phis_matched"
   if [[ $LANES -gt 1 && "$LAUNCHER" == local ]]; then
     phis_lanes phis_methods_matched 0,1,2 "$matched_out"

@@ -15,7 +15,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = ("phis_methods", "phis_analyses")
 
 
-PROFILES = ("smoke", "mini", "paper")
+PROFILES = ("smoke", "mini", "paper", "paper_tiny")
 
 
 def sweep_points(params: Mapping[str, Any]) -> list[list[str]]:

@@ -70,8 +70,8 @@ def write_index(out_dir: str | os.PathLike) -> Path:
         used = [ln[2:] for ln in rank_md.read_text().splitlines() if ln.startswith("- ")]
         lines += [
             "",
-            "Metric groups that entered the rank tables here (the rest could not be run on this"
-            " machine: no ImageNet, ADE20k, VOC, COCO, LLaVA or Probe3D):",
+            "Metric groups that entered the rank tables here (each benchmark the runs did not score is"
+            " listed as omitted):",
             "",
             *[f"- {u}" for u in used],
         ]

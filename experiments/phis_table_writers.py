@@ -185,8 +185,9 @@ def downstream_table(grouped: Mapping[str, Sequence[Run]], out: Path) -> Path | 
     ]
     notes = (
         "Ours: fractions in [0, 1] (kNN, zero-shot, zero-shot agreement with the teacher's own head, mIoU) on"
-        " the offline labelled sets of phis/evaldata.py; RankMe of trunk patch features; summary_cos: cosine"
-        " of the student's summary head with the teacher's summary. teacher_zero_shot is the teacher itself."
+        " the labelled sets named in each column (phis/evaldata.py); RankMe of trunk patch features;"
+        " summary_cos: cosine of the student's summary head with the teacher's summary."
+        " teacher_zero_shot is the teacher itself."
         " Paper (Table 13, %): ImageNet zero-shot / kNN, ADE20k / VOC mIoU.\n" + _seeds_note(grouped)
     )
     return write_paper_table(out, "downstream_raw", header, rows, "Raw downstream scores", notes)

@@ -18,6 +18,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import logging
 import math
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ import hydra
 import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
@@ -350,9 +353,39 @@ def report(cfg: DictConfig, fitted: FitOutcome) -> dict[str, Any]:
     return results
 
 
+def starts_processes_in_sweep(cfg: DictConfig) -> bool:
+    """Whether this is a multirun job run inside the sweep's process (Hydra's basic launcher) whose
+    trainer starts processes of its own (a multi-device strategy, e.g. trainer=ddp on one machine)."""
+    if not HydraConfig.initialized():
+        return False
+    hc = HydraConfig.get()
+    in_process = str(hc.launcher.get("_target_", "")).endswith("BasicLauncher")
+    strategy, devices = cfg.trainer.get("strategy", "auto"), cfg.trainer.get("devices", 1)
+    return hc.mode == RunMode.MULTIRUN and in_process and strategy not in (None, "auto") and devices != 1
+
+
+def run_job_in_fresh_process() -> None:
+    """Run the current multirun job as a single run of its own process, in its output directory.
+
+    Lightning starts the other local ranks by rerunning the command line: from a sweep's process that
+    reruns the whole sweep in each of them, and a second job in the same process finds the first job's
+    rank variables and process group. A fresh process per job starts clean, and its ranks run this job.
+    """
+    hc = HydraConfig.get()
+    out = hc.runtime.output_dir
+    cmd = [sys.executable, "-m", "phis.train", *hc.overrides.task, f'hydra.run.dir="{out}"']
+    log.info("%s: a multi-process trainer; running the job in a fresh process", out)
+    status = subprocess.run([*cmd, "hydra.output_subdir=null"], check=False).returncode
+    if status != 0:
+        raise RuntimeError(f"job {out} failed (exit status {status}); its log is above")
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    if starts_processes_in_sweep(cfg) and not is_finished(Path(cfg.output_dir)):
+        run_job_in_fresh_process()
+    else:
+        train(cfg)
 
 
 if __name__ == "__main__":
