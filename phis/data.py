@@ -16,6 +16,7 @@ Held-out data, two levels (no held-out pixel is ever seen in training):
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import importlib.util
@@ -391,6 +392,48 @@ class StageSteps(Sampler[int]):
         return self.batches.steps_per_epoch(self.step_source())
 
 
+class StagedStream(IterableDataset):
+    """Shard streams as one stream of batches by step: the stream of the current step's stage (each at
+    its stage's image size and per-rank batch), zipped with its high-resolution partition's stream.
+
+    Streams are placed at the global step (not the step within the stage), so a later stage continues
+    into fresh virtual epochs and the first stage reads exactly what a run without stages reads. An
+    iteration stops at its stage's end; the loader's next iteration starts the next stage.
+    """
+
+    def __init__(self, plan: StagePlan, main: Sequence[Any], hires: Mapping[int, Any], accumulate: int = 1):
+        self.plan, self.main, self.hires, self.accumulate = plan, list(main), dict(hires), accumulate
+        self.rank, self.world_size, self.start_step = 0, 1, 0
+
+    def _index(self) -> int:
+        return self.plan.index(self.start_step // self.accumulate)
+
+    def place(self, rank: int = 0, world_size: int = 1, start_step: int = 0) -> None:
+        """Place this rank and the next iteration's start step (batches done) on the stage's streams."""
+        self.rank, self.world_size, self.start_step = rank, world_size, start_step
+        index = self._index()
+        last = index == len(self.plan.stages) - 1
+        stop = None if last else self.plan.stages[index].end * self.accumulate
+        for stream in (self.main[index], self.hires.get(index)):
+            if stream is not None:
+                stream.place(rank, world_size, start_step, stop)
+
+    def __len__(self) -> int:
+        return len(self.main[self._index()])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        index = self._index()
+        if index not in self.hires:
+            yield from self.main[index]
+            return
+        for batch, hires in zip(self.main[index], self.hires[index]):
+            yield {
+                **batch,
+                "hires": {"images": hires["images"]},
+                "skipped": batch["skipped"] + hires["skipped"],
+            }
+
+
 class DistillDataset(Dataset):
     """Images plus, when caches are given, the teachers' stored outputs for the same index."""
 
@@ -494,11 +537,6 @@ class DistillDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"the stages train at image sizes {missing} but no training set of that size was given "
                 f"(stage_sets has {sorted(self.size_sets)}); build the data module with build_datamodule"
-            )
-        if self.streaming and (len(needed) > 1 or any(s.hires for s in self.plan.stages)):
-            raise ValueError(
-                "a shard stream serves one image size without high-resolution partitions; stages at "
-                f"sizes {sorted(needed)} need data=offline or data=folder"
             )
         self.size_caches: dict[int, dict[str, TeacherCache]] = {}
         if cache_enabled:
@@ -611,10 +649,19 @@ class DistillDataModule(pl.LightningDataModule):
         if self.streaming:
             from phis.shards import StreamLoader
 
-            stream = self.sets["train"]
-            stream.batch_size = self.per_rank(self.plan.stages[0].batch_size)
-            if trainer is not None:
-                stream.place(trainer.global_rank, trainer.world_size)
+            rank, nodes, devices = self._ranks()
+            batches = rank_batches(self.plan, nodes, devices, 1)
+            main, hires = [], {}
+            for i, (stage, (batch, hires_batch)) in enumerate(zip(self.plan.stages, batches)):
+                main.append(copy.copy(self.size_sets[stage.image_size]))
+                main[-1].batch_size = batch
+                if stage.hires is not None:
+                    hires[i] = copy.copy(self.size_sets[stage.hires.image_size])
+                    # Another sample order than the main stream's, which may read the same shards.
+                    hires[i].seed, hires[i].batch_size = hires[i].seed + 1, hires_batch
+            accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+            stream = StagedStream(self.plan, main, hires, accumulate)
+            stream.place(rank, nodes * devices)
             return StreamLoader(stream, self._batches_done, self.num_workers)
         names = list(self.teacher_cfgs)
         main = [self._stage_dataset(stage.image_size, names) for stage in self.plan.stages]
@@ -636,9 +683,13 @@ class DistillDataModule(pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Shard batches arrive as uint8 (a quarter of the bytes to move); scale to [0, 1] on the device."""
-        images = batch.get("images") if isinstance(batch, dict) else None
+        if not isinstance(batch, dict):
+            return batch
+        images = batch.get("images")
         if images is not None and images.dtype == torch.uint8:
             batch = {**batch, "images": images.float().div_(255.0)}
+        if isinstance(batch.get("hires"), dict):
+            batch = {**batch, "hires": self.on_after_batch_transfer(batch["hires"], dataloader_idx)}
         return batch
 
     def heldout_dataloader(

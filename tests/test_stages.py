@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from test_shards import shard_dir  # noqa: F401 - the shard fixture
 from test_train import CrashAt, final_state, make_cfg
 
 from phis.build import build_datamodule
@@ -356,3 +357,31 @@ def test_three_stages_restart_lr_statistics_and_freeze_and_resume_mid_stage(tmp_
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert resumed["heldout"] == whole["heldout"]
+
+
+class Shapes(Callback):
+    def __init__(self) -> None:
+        self.rows = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        hires = batch.get("hires")
+        self.rows.append(
+            (tuple(batch["images"].shape), None if hires is None else tuple(hires["images"].shape))
+        )
+        assert batch["images"].is_floating_point() and (hires is None or hires["images"].is_floating_point())
+
+
+def test_shard_streams_switch_size_and_batch_per_stage(shard_dir, tmp_path) -> None:  # noqa: F811
+    """On WebDataset shards: stage 1 at 32 px, stage 2 at 48 px plus 2 SAM images at 64 px per step."""
+    from test_shards import make_cfg as shards_cfg
+
+    stages = (
+        "stages=[{name: a, steps: 3, image_size: 32, batch_size: 4},"
+        "{name: b, steps: 3, image_size: 48, batch_size: 4,"
+        " hires: {teachers: [sam], image_size: 64, batch_size: 2}}]"
+    )
+    rec = Shapes()
+    cfg = shards_cfg(tmp_path, shard_dir, stages, "trainer.max_steps=null", "distill.partitions=per_teacher")
+    res = train(cfg, callbacks=[rec])
+    assert res["status"] == "finished" and res["steps"] == 6
+    assert rec.rows == [((4, 3, 32, 32), None)] * 3 + [((4, 3, 48, 48), (2, 3, 64, 64))] * 3
