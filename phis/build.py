@@ -49,9 +49,12 @@ def stage_plan(cfg: DictConfig) -> StagePlan:
 def build_datamodule(cfg: DictConfig) -> DistillDataModule:
     """Image sets of the data group plus the teacher set, served with cached targets; the training set
     is also built at every other image size the stages use."""
-    plan = stage_plan(cfg)
+    # Without stages the data module serves one open-ended stage (no trainer config needed).
+    plan = stage_plan(cfg) if cfg.get("stages") else None
     train = instantiate(cfg.data.train)
-    sizes = {s.image_size for s in plan.stages} | {s.hires.image_size for s in plan.stages if s.hires}
+    sizes = set()
+    if plan is not None:
+        sizes = {s.image_size for s in plan.stages} | {s.hires.image_size for s in plan.stages if s.hires}
     return DistillDataModule(
         train=train,
         val=instantiate(cfg.data.val),
@@ -64,7 +67,7 @@ def build_datamodule(cfg: DictConfig) -> DistillDataModule:
         cache_dtype=cfg.cache.dtype,
         cache_batch_size=cfg.cache.batch_size,
         seed=cfg.seed,
-        stages=plan.to_config(),
+        stages=plan.to_config() if plan is not None else None,
         stage_sets={size: instantiate(cfg.data.train, size=size) for size in sizes - {int(train.size)}},
     )
 
