@@ -158,12 +158,17 @@ class ShardStream(IterableDataset):
         self.resampled, self.shuffle_buffer = bool(resampled), int(shuffle_buffer)
         self.epoch_steps = epoch_steps
         self.rank, self.world_size, self.start_step = 0, 1, 0
+        self.stop_step: int | None = None
 
-    def place(self, rank: int = 0, world_size: int = 1, start_step: int = 0) -> None:
-        """Set this rank's place in the data-parallel group and the step the next iteration starts at."""
+    def place(
+        self, rank: int = 0, world_size: int = 1, start_step: int = 0, stop_step: int | None = None
+    ) -> None:
+        """Set this rank's place in the data-parallel group, the step the next iteration starts at and,
+        if given, the step it stops before even within a virtual epoch (the end of a training stage)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside a world of {world_size}")
         self.rank, self.world_size, self.start_step = int(rank), int(world_size), int(start_step)
+        self.stop_step = stop_step
 
     def __len__(self) -> int:
         """Batches per virtual epoch on each rank."""
@@ -245,10 +250,11 @@ class ShardStream(IterableDataset):
         epoch = self.start_step // e
         # This worker serves steps start + worker, start + worker + W, ... up to the epoch's end.
         offset = self.start_step + worker - epoch * e
-        if offset >= e:
+        end = e if self.stop_step is None else min(e, self.stop_step - epoch * e)
+        if offset >= end:
             return
         lane, skip = offset % workers, offset // workers
-        todo = len(range(offset, e, workers))
+        todo = len(range(offset, end, workers))
         raw_batches = self._raw_batches(epoch, self.rank * workers + lane, units, skips)
         for _ in range(skip):
             next(raw_batches)

@@ -231,7 +231,12 @@ def test_smoke_profile_runs_the_selfdistill_study(tmp_path: Path) -> None:
 def test_paper_dry_run_composes_every_job(tmp_path: Path) -> None:
     proc = _reproduce("--profile", "paper", "--dry-run", "--launcher", "slurm", "--runs", str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "57/57 job configs of profile 'paper' resolve" in proc.stdout
+    assert "58/58 job configs of profile 'paper' resolve" in proc.stdout
+    # One 256 px stage of a global batch of 1,024 (128 per GPU on one 8-GPU node), one partition per teacher.
+    stage1 = "stage1: 300000 steps, 256px, global batch 1024 (128/GPU on 1x8), per_teacher"
+    assert proc.stdout.count(stage1) == 57
+    three = "stage3_432px_hires_sam: 300000 steps, 432px, global batch 1024 (128/GPU on 1x8), per_teacher, "
+    assert f"{three}hires 128, 16/GPU at 1024px for ['sam']" in proc.stdout
     assert "[sd] dry run: 864 jobs in profile 'paper'" in proc.stdout  # 6 datasets × 144
     assert not (tmp_path / "paper").exists()  # nothing ran
 
