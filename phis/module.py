@@ -38,6 +38,7 @@ from phis.config import check_choice
 from phis.losses import AdaLoss, cosine, make_loss, mse
 from phis.metrics import TeacherErrorMeter
 from phis.normalizers import make_normalizer
+from phis.spectral import spectral_reparams
 from phis.student import MultiTeacherViT
 
 NORMALIZER_FITS = ("cache", "schedule")
@@ -327,11 +328,15 @@ class DistillModule(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         o = dict(self.hparams.optim)
         decay, no_decay = [], []
+        # The 0-dim scales γ of spectral reparametrization are decayed, as the PHI-S recipe does: the layer
+        # W = γ W̄ / σ(W̄) does not depend on the size of W̄, so γ's decay is what bounds its spectral norm.
+        scales = {id(m.scale) for m in spectral_reparams(self)}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
             # Biases, norms, position table and prefix tokens are not weight-decayed.
-            (no_decay if p.ndim <= 1 or name.endswith(("pos_table", "prefix")) else decay).append(p)
+            plain = p.ndim <= 1 or name.endswith(("pos_table", "prefix"))
+            (no_decay if plain and id(p) not in scales else decay).append(p)
         groups = [
             {"params": decay, "weight_decay": o["weight_decay"]},
             {"params": no_decay, "weight_decay": 0.0},
