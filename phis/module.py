@@ -363,11 +363,13 @@ class DistillModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ evaluation API
 
-    def _grid_maps(self, feats: Tensor, grid: tuple[int, int], name: str) -> Tensor:
-        """Student-grid tokens ``[B, h*w, C]`` → maps on the teacher's grid ``[B, C, h', w']``."""
-        maps = resample_grid(
-            feats.unflatten(1, grid), self.teacher_specs[name]["grid"], self.distill_cfg["resample_mode"]
-        )
+    def _grid_maps(
+        self, feats: Tensor, grid: tuple[int, int], name: str, size: tuple[int, int] | None = None
+    ) -> Tensor:
+        """Student-grid tokens ``[B, h*w, C]`` → maps ``[B, C, h', w']`` on ``size`` (default: the teacher's
+        grid; a SAM that pads its input has a grid that follows the image size)."""
+        size = size or self.teacher_specs[name]["grid"]
+        maps = resample_grid(feats.unflatten(1, grid), size, self.distill_cfg["resample_mode"])
         return maps.permute(0, 3, 1, 2)
 
     @torch.no_grad()
@@ -448,9 +450,10 @@ class DistillModule(pl.LightningModule):
                 summary_t, y = targets[n]
                 y = y.to(dev).float()  # [B, h, w, C]
                 norm = self.normalizers[n]
-                pred = self._grid_maps(norm.denormalize(out.features[n]), out.grid, n)  # [B, C, h, w]
+                size = tuple(y.shape[1:3])
+                pred = self._grid_maps(norm.denormalize(out.features[n]), out.grid, n, size)  # [B, C, h, w]
                 teacher_space.update(pred, y.permute(0, 3, 1, 2))
-                pred_norm = self._grid_maps(out.features[n], out.grid, n)
+                pred_norm = self._grid_maps(out.features[n], out.grid, n, size)
                 normalized.update(pred_norm, norm(y).permute(0, 3, 1, 2))
                 summary = out.summaries.get(n)
                 if summary_t is not None and summary is not None:
