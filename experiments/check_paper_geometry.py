@@ -5,7 +5,8 @@
 
 Builds the ``phis`` teacher set (DFN CLIP ViT-H/14-378, SigLIP SO400M/14-384, DINOv2-g/14-reg, SAM
 ViT-H) at its real architectures with random weights (the loaders' ``random_init``: nothing is
-downloaded) as ``profile=paper`` configures it, and the ViT-B/16 student (CPE, 4 registers) at 256 px
+downloaded; the text towers are dropped after building, the check runs images only) as
+``profile=paper`` configures it, and the ViT-B/16 student (CPE, 4 registers) at 256 px
 with random weights. It trains two steps with the statistics estimation schedule (estimate, refit) and
 one partition per teacher, then one step of a 432 px stage. Every teacher call is recorded: the images
 it got, the side its encoder read, its feature grid and widths. The run fails (exit status 1) when any
@@ -22,6 +23,8 @@ process's peak resident memory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 import math
 import resource
 import sys
@@ -137,6 +140,20 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def drop_text_tower(teacher: Teacher) -> None:
+    """Free an image-text teacher's text side, which the check never runs (3.2 GB of float32 for DFN
+    CLIP and SigLIP); the image side is the loader's, untouched."""
+    model = getattr(teacher, "model", None)
+    if not teacher.has_text or model is None or not hasattr(model, "visual"):
+        return
+    for name, _ in list(model.named_children()):
+        if name != "visual":
+            delattr(model, name)
+    for name, _ in list(model.named_parameters(recurse=False)):
+        delattr(model, name)
+    gc.collect()
+
+
 class Recorder:
     """Wraps each teacher's ``encode`` to record the batch, the side it read, its outputs' shapes."""
 
@@ -194,6 +211,7 @@ def run(setup: Setup, log: Callable[[str], None] = print) -> dict[str, Any]:
     for name, tcfg in teacher_set(cfg).items():  # one at a time, to see what each costs
         start = time.perf_counter()
         teachers[name] = build_teacher(tcfg)
+        drop_text_tower(teachers[name])
         build_s[name] = time.perf_counter() - start
         log(f"built {name} in {build_s[name]:.1f} s; peak RSS {peak_rss_gib():.2f} GiB")
     specs = {
@@ -368,8 +386,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny random teachers and student (tests)")
     parser.add_argument("--out", default="experiments/results/paper_geometry.md")
+    parser.add_argument(
+        "--batch", type=int, default=None, help="images per step (default 4: one per teacher)"
+    )
     args = parser.parse_args(argv)
     setup = TINY if args.tiny else PAPER
+    if args.batch is not None:
+        setup = dataclasses.replace(setup, batch=args.batch)
     report = run(setup)
     what = (
         "tiny random models" if args.tiny else "the phis teacher set at real size (random weights), ViT-B/16"
