@@ -126,12 +126,29 @@ TINY = Setup(
 )
 
 
-def config(setup: Setup, extra: Sequence[str] = ()) -> Any:
-    """The real training config with the check's overrides."""
+def partitions(setup: Setup) -> str:
+    """One partition per teacher when the batch divides over the teachers, else every teacher on all."""
+    return "shared" if setup.batch % len(setup.teachers) else "per_teacher"
+
+
+def config(setup: Setup) -> Any:
+    """The real training config with the check's overrides: two stages of 2 and 1 steps."""
+    stages = ", ".join(
+        f"{{name: stage{i + 1}, steps: {steps}, image_size: {size}, batch_size: {setup.batch}, "
+        f"partitions: {partitions(setup)}}}"
+        for i, (steps, size) in enumerate(zip((2, 1), setup.sizes, strict=True))
+    )
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(
             "train",
-            overrides=["output_dir=.", "cache.dir=.", "cache.enabled=false", *setup.overrides, *extra],
+            overrides=[
+                "output_dir=.",
+                "cache.dir=.",
+                "cache.enabled=false",
+                *setup.overrides,
+                f"stages=[{stages}]",
+                "trainer.max_steps=null",
+            ],
         )
 
 
@@ -237,8 +254,8 @@ def run(setup: Setup, log: Callable[[str], None] = print) -> dict[str, Any]:
 
     gen = torch.Generator().manual_seed(0)
     steps = []
-    plan = [setup.sizes[0], setup.sizes[0], setup.sizes[1]]
-    for step, size in enumerate(plan):
+    for step in range(module.plan.total_steps):
+        size = module.plan.at(step).image_size
         images = torch.rand(setup.batch, 3, size, size, generator=gen)
         lr = opt.param_groups[0]["lr"]
         start = time.perf_counter()
@@ -252,6 +269,8 @@ def run(setup: Setup, log: Callable[[str], None] = print) -> dict[str, Any]:
         steps.append(
             {
                 "step": step,
+                "stage": module.plan.at(step).name,
+                "partitions": module.plan.at(step).partitions,
                 "size": size,
                 "lr": lr,
                 "seconds": seconds,
@@ -269,7 +288,6 @@ def run(setup: Setup, log: Callable[[str], None] = print) -> dict[str, Any]:
         "build_s": build_s,
         "peak_rss_gib": peak_rss_gib(),
         "student_prefix": module.student.num_prefix,
-        "partitioned": module.distill_cfg.get("partitions", "shared") == "per_teacher",
     }
     report["failures"] = check(setup, report)
     return report
@@ -279,10 +297,18 @@ def check(setup: Setup, report: Mapping[str, Any]) -> list[str]:
     """Every difference between what ran and the paper's geometry and stage mechanics."""
     fail = []
     prefix = report["student_prefix"]
-    per_teacher = setup.batch // len(setup.teachers) if report["partitioned"] else setup.batch
     steps = report["steps"]
+    small, large = setup.sizes
+    ran = [(s["stage"], s["size"]) for s in steps]
+    if ran != [("stage1", small), ("stage1", small), ("stage2", large)]:
+        fail.append(
+            f"stages and sizes {ran}, expected 2 steps of stage1 at {small} px, 1 of stage2 at {large}"
+        )
     for s in steps:
         size = s["size"]
+        per_teacher = setup.batch // len(setup.teachers) if s["partitions"] == "per_teacher" else setup.batch
+        if s["partitions"] != partitions(setup):
+            fail.append(f"step {s['step']}: partitions {s['partitions']}, expected {partitions(setup)}")
         g = size // setup.student_patch
         if s["student_tokens"] != prefix + g * g:
             fail.append(f"step {s['step']}: student saw {s['student_tokens']} tokens, not {prefix} + {g}x{g}")
@@ -318,6 +344,10 @@ def check(setup: Setup, report: Mapping[str, Any]) -> list[str]:
     return fail
 
 
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4g}"
+
+
 def table(setup: Setup, report: Mapping[str, Any]) -> str:
     """Markdown: per stage and teacher what ran, then the steps."""
     rows = []
@@ -346,11 +376,13 @@ def table(setup: Setup, report: Mapping[str, Any]) -> str:
         ["stage", "model", "images (student: tokens)", "input", "grid", "width", "summary width"], rows
     )
     steps = markdown_table(
-        ["step", "size", "lr", "trunk frozen", "loss", "seconds", "statistics tokens"],
+        ["step", "stage", "size", "partitions", "lr", "trunk frozen", "loss", "seconds", "statistics tokens"],
         [
             [
                 s["step"],
+                s["stage"],
                 s["size"],
+                s["partitions"],
                 f"{s['lr']:.3g}",
                 s["trunk_frozen"],
                 f"{s['loss']:.4g}",
@@ -367,7 +399,7 @@ def table(setup: Setup, report: Mapping[str, Any]) -> str:
             [
                 s["step"],
                 *(f"{s['terms'][f'{n}/feat_loss']:.4g}" for n in names),
-                *(f"{s['terms'].get(f'{n}/summary_loss', math.nan):.4g}" for n in names),
+                *(_fmt(s["terms"].get(f"{n}/summary_loss")) for n in names),
             ]
             for s in report["steps"]
         ],

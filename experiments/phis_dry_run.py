@@ -17,6 +17,33 @@ EXPERIMENTS = ("phis_methods", "phis_analyses")
 
 PROFILES = ("smoke", "mini", "paper")
 
+# Experiments that bring their profile with them, composed as they are under that profile's dry run.
+STANDALONE = {"paper": ("three_stage",)}
+
+
+def stages_line(cfg: Any) -> str:
+    """One line per job: each stage's steps, image size, global batch and its share per GPU (where the
+    trainer's nodes x devices are known before launch), partitions and high-resolution partition."""
+    from phis.build import stage_plan, teacher_set
+    from phis.stages import rank_batches
+
+    plan = stage_plan(cfg)
+    nodes, devices = cfg.trainer.num_nodes, cfg.trainer.devices
+    known = isinstance(devices, int) and devices > 0
+    per_gpu = rank_batches(plan, nodes, devices, len(teacher_set(cfg))) if known else None
+    parts = []
+    for i, s in enumerate(plan.stages):
+        share = f"{per_gpu[i][0]}/GPU on {nodes}x{devices}" if per_gpu else "/GPU: divided at launch"
+        text = f"{s.name}: {s.steps} steps, {s.image_size}px, global batch {s.batch_size} ({share})"
+        text += f", {s.partitions}"
+        if s.hires is not None:
+            extra = f", {per_gpu[i][1]}/GPU" if per_gpu else ""
+            text += (
+                f", hires {s.hires.batch_size}{extra} at {s.hires.image_size}px for {list(s.hires.teachers)}"
+            )
+        parts.append(text)
+    return "; ".join(parts)
+
 
 def sweep_points(params: Mapping[str, Any]) -> list[list[str]]:
     """Hydra basic-sweeper ``params`` (``key: a,b,c``) → the override list of every job (cartesian)."""
@@ -36,11 +63,13 @@ def dry_run(profile: str, launcher: str | None = None, extra: Sequence[str] = ()
     base = [f"+profile={profile}", *([f"launcher={launcher}"] if launcher else []), *extra]
     failures, jobs = [], 0
     GlobalHydra.instance().clear()
+    own = [*([f"launcher={launcher}"] if launcher else []), *extra]
+    runs = [(exp, base) for exp in EXPERIMENTS] + [(exp, own) for exp in STANDALONE.get(profile, ())]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        for exp in EXPERIMENTS:
-            head = compose("train", overrides=[f"experiment={exp}", *base], return_hydra_config=True)
+        for exp, common in runs:
+            head = compose("train", overrides=[f"experiment={exp}", *common], return_hydra_config=True)
             for point in sweep_points(head.hydra.sweeper.params or {}):
-                overrides = [f"experiment={exp}", *base, *point]
+                overrides = [f"experiment={exp}", *common, *point]
                 jobs += 1
                 try:
                     cfg = compose("train", overrides=overrides, return_hydra_config=True)
@@ -54,7 +83,8 @@ def dry_run(profile: str, launcher: str | None = None, extra: Sequence[str] = ()
                     OmegaConf.to_container(job, resolve=True, throw_on_missing=True)
                     for key in ("launcher", "callbacks"):  # what the job is sent with
                         OmegaConf.to_container(cfg.hydra[key], resolve=True, throw_on_missing=True)
-                    print(f"[dry-run] ok   {exp} {' '.join(point)} -> {job_dir}")
+                    stages = stages_line(job)
+                    print(f"[dry-run] ok   {exp} {' '.join(point)} -> {job_dir}\n[dry-run]        {stages}")
                 except Exception as err:  # report every broken job, not just the first
                     failures.append(f"{exp} {' '.join(point)}: {type(err).__name__}: {err}")
                     print(f"[dry-run] FAIL {failures[-1]}")

@@ -14,8 +14,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from phis.config import plain
 from phis.data import DistillDataModule
 from phis.module import DistillModule
+from phis.stages import StagePlan
 
 
 def teacher_set(cfg: DictConfig) -> dict[str, dict[str, Any]]:
@@ -31,10 +33,27 @@ def teacher_set(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     return out
 
 
+def stage_plan(cfg: DictConfig) -> StagePlan:
+    """The run's stages (``stages:``; none: one stage of ``trainer.max_steps`` at the training set's size
+    and ``data.batch_size``, the global batch)."""
+    return StagePlan.from_config(
+        plain(cfg.get("stages")),
+        max_steps=cfg.trainer.get("max_steps"),
+        image_size=int(cfg.data.train.size),
+        batch_size=int(cfg.data.batch_size),
+        partitions=cfg.distill.get("partitions", "shared"),
+        teachers=list(teacher_set(cfg)),
+    )
+
+
 def build_datamodule(cfg: DictConfig) -> DistillDataModule:
-    """Image sets of the data group plus the teacher set, served with cached targets."""
+    """Image sets of the data group plus the teacher set, served with cached targets; the training set
+    is also built at every other image size the stages use."""
+    plan = stage_plan(cfg)
+    train = instantiate(cfg.data.train)
+    sizes = {s.image_size for s in plan.stages} | {s.hires.image_size for s in plan.stages if s.hires}
     return DistillDataModule(
-        train=instantiate(cfg.data.train),
+        train=train,
         val=instantiate(cfg.data.val),
         test=instantiate(cfg.data.test) if cfg.data.get("test") else None,
         teachers=teacher_set(cfg),
@@ -45,21 +64,25 @@ def build_datamodule(cfg: DictConfig) -> DistillDataModule:
         cache_dtype=cfg.cache.dtype,
         cache_batch_size=cfg.cache.batch_size,
         seed=cfg.seed,
+        stages=plan.to_config(),
+        stage_sets={size: instantiate(cfg.data.train, size=size) for size in sizes - {int(train.size)}},
     )
 
 
 def build_module(cfg: DictConfig, specs: dict[str, dict[str, Any]]) -> DistillModule:
     """The LightningModule for the chosen student, method and optimizer."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
+    values = OmegaConf.to_container(cfg, resolve=True)
+    plan = stage_plan(cfg)
     return DistillModule(
         teachers={n: {**s, "grid": list(s["grid"])} for n, s in specs.items()},
-        student=plain["student"],
-        normalizer=plain["normalizer"],
-        loss=plain["loss"],
-        distill=plain["distill"],
-        optim=plain["optim"],
-        max_steps=cfg.trainer.max_steps,
+        student=values["student"],
+        normalizer=values["normalizer"],
+        loss=values["loss"],
+        distill=values["distill"],
+        optim=values["optim"],
+        max_steps=plan.total_steps,
         seed=cfg.seed,
+        stages=plan.to_config(),
     )
 
 

@@ -30,10 +30,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset, default_collate
 
 from phis.cache import TeacherCache
 from phis.images import IMAGE_EXTENSIONS, is_image
+from phis.stages import StagePlan, per_rank_batch, rank_batches
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +262,9 @@ class StepBatchSampler(Sampler[list[int]]):
     Step g draws batch ``g mod E`` of the shuffle for virtual epoch ``g // E`` (E = steps per epoch),
     the shuffle depending only on (seed, epoch). Each iteration starts at the trainer's current step
     (``step_source``) and ends with that virtual epoch, so resuming mid-epoch needs no loop state.
-    Under data parallelism every rank takes its ``batch_size`` slice of the global batch.
+    Under data parallelism every rank takes its ``batch_size`` slice of the global batch. ``stream``
+    keys further shuffles of the same set (a later stage, a high-resolution partition); the first
+    stage's main batches use none, as a run without stages always did.
     """
 
     def __init__(
@@ -272,6 +275,7 @@ class StepBatchSampler(Sampler[list[int]]):
         step_source: Callable[[], int] = lambda: 0,
         rank: int = 0,
         world_size: int = 1,
+        stream: Sequence[int] = (),
     ) -> None:
         self.global_batch = batch_size * world_size
         if length < self.global_batch:
@@ -281,11 +285,12 @@ class StepBatchSampler(Sampler[list[int]]):
             )
         self.length, self.batch_size, self.seed = length, batch_size, seed
         self.step_source, self.rank = step_source, rank
+        self.stream = tuple(int(k) for k in stream)
         self.steps_per_epoch = length // self.global_batch
 
     def order(self, epoch: int) -> np.ndarray:
-        """The shuffle of virtual epoch ``epoch``."""
-        return np.random.default_rng([self.seed, epoch]).permutation(self.length)
+        """The shuffle of virtual epoch ``epoch`` (of this ``stream``: one per stage and partition)."""
+        return np.random.default_rng([self.seed, *self.stream, epoch]).permutation(self.length)
 
     def batch(self, step: int) -> list[int]:
         """This rank's indices for global step ``step``."""
@@ -301,6 +306,89 @@ class StepBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return self.steps_per_epoch
+
+
+class StageBatches(Dataset):
+    """Item ``b`` is this rank's whole batch number ``b``, collated: its stage's images (and cached
+    targets) at the stage's size and batch, plus ``hires`` (images, and targets of the partition's
+    teachers) in a stage with a high-resolution partition.
+
+    ``b`` counts batches (optimizer steps × ``accumulate``); the stage is that of optimizer step
+    ``b // accumulate``. Every batch depends only on (seed, b, rank, world size), so a resumed run sees
+    the batches an uninterrupted one would, also across stage boundaries.
+    """
+
+    def __init__(
+        self,
+        plan: StagePlan,
+        main: Sequence[Dataset],
+        hires: Mapping[int, Dataset],
+        seed: int = 0,
+        rank: int = 0,
+        ranks: tuple[int, int] = (1, 1),
+        accumulate: int = 1,
+    ) -> None:
+        self.plan, self.accumulate = plan, accumulate
+        nodes, devices = ranks
+        world = nodes * devices
+        self.samplers: list[tuple[StepBatchSampler, StepBatchSampler | None]] = []
+        self.data: list[tuple[Dataset, Dataset | None]] = []
+        for i, (stage, (batch, hires_batch)) in enumerate(
+            zip(plan.stages, rank_batches(plan, nodes, devices, 1))
+        ):
+            # The first stage keeps the unkeyed shuffle of a run without stages.
+            key = (i, 0) if i else ()
+            first = StepBatchSampler(len(main[i]), batch, seed, rank=rank, world_size=world, stream=key)
+            second = None
+            if stage.hires is not None:
+                second = StepBatchSampler(
+                    len(hires[i]), hires_batch, seed, rank=rank, world_size=world, stream=(i, 1)
+                )
+            self.samplers.append((first, second))
+            self.data.append((main[i], hires.get(i)))
+
+    def locate(self, b: int) -> tuple[int, int]:
+        """(stage index, batch number within the stage) of batch ``b``."""
+        index = self.plan.index(b // self.accumulate)
+        return index, b - self.plan.stages[index].start * self.accumulate
+
+    def steps_per_epoch(self, b: int) -> int:
+        """Batches per virtual epoch of the stage batch ``b`` belongs to."""
+        return self.samplers[self.locate(b)[0]][0].steps_per_epoch
+
+    def __len__(self) -> int:
+        return self.plan.total_steps * self.accumulate
+
+    def __getitem__(self, b: int) -> dict[str, Any]:
+        index, local = self.locate(b)
+        (first, second), (images, hires) = self.samplers[index], self.data[index]
+        batch = default_collate([images[i] for i in first.batch(local)])
+        if second is not None:
+            batch["hires"] = default_collate([hires[i] for i in second.batch(local)])
+        return batch
+
+
+class StageSteps(Sampler[int]):
+    """Batch numbers from the trainer's current one (``step_source``) to the end of its virtual epoch,
+    or of its stage if that comes first: a new stage starts a new epoch (and a new loader iteration)."""
+
+    def __init__(self, batches: StageBatches, step_source: Callable[[], int]) -> None:
+        self.batches, self.step_source = batches, step_source
+
+    def _range(self) -> range:
+        first = self.step_source()
+        index, local = self.batches.locate(first)
+        per_epoch = self.batches.steps_per_epoch(first)
+        end = first - local % per_epoch + per_epoch
+        if index < len(self.batches.plan.stages) - 1:
+            end = min(end, self.batches.plan.stages[index].end * self.batches.accumulate)
+        return range(first, end)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._range())
+
+    def __len__(self) -> int:
+        return self.batches.steps_per_epoch(self.step_source())
 
 
 class DistillDataset(Dataset):
@@ -336,6 +424,11 @@ class DistillDataModule(pl.LightningDataModule):
     a cache entry is missing or the cache is disabled (then the LightningModule runs them every step).
     ``test`` is an optional second held-out set, evaluated at the end of training only. ``train`` may be
     a ``phis.shards.ShardStream`` (an endless stream of batches): it is never cached.
+
+    ``batch_size`` is global (images per optimizer step over all ranks); each rank is served its share
+    (``phis.stages.per_rank_batch``). ``stages`` (plain stage configs, see ``phis.stages``) switch the
+    training image size and batch at stage boundaries and add high-resolution partitions;
+    ``stage_sets`` holds the training set at every size they name other than ``train``'s own.
     """
 
     def __init__(
@@ -351,6 +444,8 @@ class DistillDataModule(pl.LightningDataModule):
         cache_dtype: str = "float16",
         cache_batch_size: int = 64,
         seed: int = 0,
+        stages: Sequence[Mapping[str, Any]] | None = None,
+        stage_sets: Mapping[int, Dataset] | None = None,
     ) -> None:
         super().__init__()
         if not teachers:
@@ -378,6 +473,45 @@ class DistillDataModule(pl.LightningDataModule):
                 for split, images in self.sets.items()
                 if not (self.streaming and split == "train")
             }
+        # Without stages: one open-ended stage at the training set's size and data.batch_size.
+        self.plan = StagePlan.from_config(
+            stages,
+            max_steps=None if stages else 1,
+            image_size=int(train.size),
+            batch_size=batch_size,
+            partitions="shared",
+            teachers=list(self.teacher_cfgs),
+        )
+        # Per training image size: its image set and the teachers whose targets are needed at it.
+        self.size_sets: dict[int, Dataset] = {int(train.size): train, **dict(stage_sets or {})}
+        needed: dict[int, set[str]] = {int(train.size): set(self.teacher_cfgs)}
+        for stage in self.plan.stages:
+            needed.setdefault(stage.image_size, set()).update(self.teacher_cfgs)
+            if stage.hires is not None:
+                needed.setdefault(stage.hires.image_size, set()).update(stage.hires.teachers)
+        missing = sorted(set(needed) - set(self.size_sets))
+        if missing:
+            raise ValueError(
+                f"the stages train at image sizes {missing} but no training set of that size was given "
+                f"(stage_sets has {sorted(self.size_sets)}); build the data module with build_datamodule"
+            )
+        if self.streaming and (len(needed) > 1 or any(s.hires for s in self.plan.stages)):
+            raise ValueError(
+                "a shard stream serves one image size without high-resolution partitions; stages at "
+                f"sizes {sorted(needed)} need data=offline or data=folder"
+            )
+        self.size_caches: dict[int, dict[str, TeacherCache]] = {}
+        if cache_enabled:
+            for size, names in needed.items():
+                if size == int(train.size):
+                    self.size_caches[size] = self.caches["train"]
+                    continue
+                images = self.size_sets[size]
+                self.size_caches[size] = {
+                    n: TeacherCache(cache_dir, n, cfg, images, dtype=cache_dtype)
+                    for n, cfg in self.teacher_cfgs.items()
+                    if n in names
+                }
 
     @property
     def train_set(self) -> Dataset:
@@ -401,7 +535,7 @@ class DistillDataModule(pl.LightningDataModule):
         """Build every missing cache entry (building teachers only for those); runs once."""
         if self._prepared:
             return
-        for split in self.caches.values():
+        for split in [*self.caches.values(), *self.size_caches.values()]:
             for name, cache in split.items():
                 cache.ensure(lambda n=name: self.teacher(n), self.cache_batch_size, self.num_workers)
         if self.cache_enabled:  # with every output cached, the teacher models are no longer needed
@@ -450,31 +584,54 @@ class DistillDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return 0 if trainer is None else trainer.global_step * trainer.accumulate_grad_batches
 
+    def _ranks(self) -> tuple[int, int, int]:
+        """(this rank, nodes, devices per node) of the attached trainer; (0, 1, 1) without one."""
+        t = self.trainer
+        return (0, 1, 1) if t is None else (t.global_rank, t.num_nodes, t.num_devices)
+
+    def per_rank(self, global_batch: int) -> int:
+        """This rank's share of a global batch (clear error when it does not divide)."""
+        _, nodes, devices = self._ranks()
+        return per_rank_batch(global_batch, nodes, devices)
+
+    def stage_image_size(self, index: int) -> int:
+        """Training image size of stage ``index``."""
+        return int(self.plan.stages[index].image_size)
+
+    def stage_caches(self, index: int) -> dict[str, TeacherCache]:
+        """Every teacher's cache of the training set at stage ``index``'s image size."""
+        return self.size_caches[self.stage_image_size(index)]
+
+    def _stage_dataset(self, size: int, names: Sequence[str]) -> DistillDataset:
+        caches = self.size_caches.get(size, {})
+        return DistillDataset(self.size_sets[size], {n: caches[n] for n in names if n in caches})
+
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         if self.streaming:
             from phis.shards import StreamLoader
 
             stream = self.sets["train"]
-            if stream.batch_size != self.batch_size:
-                raise ValueError(
-                    f"the shard stream makes batches of {stream.batch_size}, the data module "
-                    f"{self.batch_size}; set both from data.batch_size"
-                )
+            stream.batch_size = self.per_rank(self.plan.stages[0].batch_size)
             if trainer is not None:
                 stream.place(trainer.global_rank, trainer.world_size)
             return StreamLoader(stream, self._batches_done, self.num_workers)
-        data = self.dataset("train")
-        sampler = StepBatchSampler(
-            len(data),
-            self.batch_size,
-            self.seed,
-            step_source=self._batches_done,
-            rank=trainer.global_rank if trainer is not None else 0,
-            world_size=trainer.world_size if trainer is not None else 1,
-        )
+        names = list(self.teacher_cfgs)
+        main = [self._stage_dataset(stage.image_size, names) for stage in self.plan.stages]
+        hires = {
+            i: self._stage_dataset(stage.hires.image_size, stage.hires.teachers)
+            for i, stage in enumerate(self.plan.stages)
+            if stage.hires is not None
+        }
+        rank, nodes, devices = self._ranks()
+        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        batches = StageBatches(self.plan, main, hires, self.seed, rank, (nodes, devices), accumulate)
         return DataLoader(
-            data, batch_sampler=sampler, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
+            batches,
+            batch_size=None,
+            sampler=StageSteps(batches, self._batches_done),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
         )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -489,7 +646,7 @@ class DistillDataModule(pl.LightningDataModule):
     ) -> DataLoader:
         """Sequential batches of a held-out split (``limit``, ``rank``, ``world_size``: see ``dataset``)."""
         data = self.dataset(split, limit, rank, world_size)
-        return DataLoader(data, batch_size=self.batch_size, num_workers=self.num_workers)
+        return DataLoader(data, batch_size=self.per_rank(self.batch_size), num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self.heldout_dataloader("val")

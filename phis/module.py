@@ -12,10 +12,16 @@ Teachers are never submodules: they are not in checkpoints, so ``load_from_check
 per-teacher widths and grids kept in the hyperparameters. Targets normally come from the teacher cache
 (the batch holds them); with the cache disabled the teachers run on every batch under ``no_grad``.
 
-Stages: a stage is a stretch of training at one input resolution. Within a stage the normalizer
-statistics are estimated (first ``estimate_steps`` steps, refit every ``refit_every``; or fitted once
-from the teacher cache) and then frozen, and the trunk is frozen for the first ``freeze_trunk_steps``
-so only the heads chase the moving targets. A new resolution resets the statistics.
+Stages (``phis.stages``): the run's ``StagePlan`` says which stage a global step belongs to. Each
+stage starts afresh: the LR schedule (warmup, cosine) restarts, the normalizer statistics are estimated
+anew (first ``estimate_steps`` steps of the stage, refit every ``refit_every``; or fitted once from the
+teacher cache at the stage's resolution) and then frozen, and the trunk is frozen for the stage's first
+``freeze_trunk_steps`` so only the heads chase the moving targets.
+
+Partitions: with ``per_teacher`` each teacher's targets and loss cover only its contiguous slice of the
+batch (online teachers run on their slice only); the student runs once on the whole batch. A stage's
+high-resolution partition (``batch["hires"]``: images and, when cached, targets) adds a term for each
+of its teachers, from a second student forward at that resolution.
 """
 
 from __future__ import annotations
@@ -23,8 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -39,6 +44,7 @@ from phis.losses import AdaLoss, cosine, make_loss, mse
 from phis.metrics import TeacherErrorMeter
 from phis.normalizers import make_normalizer
 from phis.spectral import spectral_reparams
+from phis.stages import PARTITIONS, StagePlan
 from phis.student import MultiTeacherViT
 
 NORMALIZER_FITS = ("cache", "schedule")
@@ -78,10 +84,13 @@ class DistillModule(pl.LightningModule):
         optim: Mapping[str, Any],
         max_steps: int,
         seed: int = 0,
+        stages: Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         d = dict(distill)
+        d.setdefault("partitions", "shared")
+        check_choice("distill.partitions", d["partitions"], PARTITIONS)
         check_choice("distill.normalizer_fit", d["normalizer_fit"], NORMALIZER_FITS)
         check_choice("distill.resample_to", d["resample_to"], RESAMPLE_TO)
         check_choice("distill.resample_mode", d["resample_mode"], RESAMPLE_MODES)
@@ -97,6 +106,15 @@ class DistillModule(pl.LightningModule):
             for name, spec in teachers.items()
         }
         self.student = MultiTeacherViT(self.teacher_specs, **student)
+        # Without stages (older callers): one stage of max_steps; its batch is checked when it arrives.
+        self.plan = StagePlan.from_config(
+            stages,
+            max_steps=max_steps,
+            image_size=int(student.get("img_size", 0)) or None,
+            batch_size=None,
+            partitions=d["partitions"],
+            teachers=self.teacher_names,
+        )
 
         norm_cfg = dict(normalizer)
         norm_name = norm_cfg.pop("name")
@@ -114,12 +132,14 @@ class DistillModule(pl.LightningModule):
         self.feature_loss = make_loss(loss_cfg.pop("name"), **loss_cfg)
         self.adaloss = nn.ModuleDict()
         if d["adaloss"]:
+            hires = {n for st in self.plan.stages if st.hires for n in st.hires.teachers}
             for n, s in self.teacher_specs.items():
-                self.adaloss[f"{n}_features"] = AdaLoss(d["adaloss_momentum"])
-                if s["summary_dim"]:
-                    self.adaloss[f"{n}_summary"] = AdaLoss(d["adaloss_momentum"])
-        self.register_buffer("stage_resolution", torch.tensor(-1, dtype=torch.int64))
-        self.register_buffer("stage_start", torch.tensor(0, dtype=torch.int64))
+                for tag in ("", *(("_hires",) if n in hires else ())):
+                    self.adaloss[f"{n}{tag}_features"] = AdaLoss(d["adaloss_momentum"])
+                    if s["summary_dim"]:
+                        self.adaloss[f"{n}{tag}_summary"] = AdaLoss(d["adaloss_momentum"])
+        # The stage whose bookkeeping (statistics reset, cache fit) has been done; -1: none yet.
+        self.register_buffer("stage_index", torch.tensor(-1, dtype=torch.int64))
         self._teachers: dict[str, nn.Module] = {}
 
     # ------------------------------------------------------------------ targets and losses
@@ -134,19 +154,29 @@ class DistillModule(pl.LightningModule):
         self._teachers = {n: teachers[n].eval().requires_grad_(False) for n in self.teacher_names}
 
     @torch.no_grad()
-    def targets(self, batch: Mapping[str, Any]) -> dict[str, tuple[Tensor | None, Tensor]]:
-        """Teacher-space targets per teacher: (summary [B, Cs] or None, features [B, h, w, Cf]), float32."""
+    def targets(
+        self,
+        batch: Mapping[str, Any],
+        rows: Mapping[str, slice] | None = None,
+        names: Sequence[str] | None = None,
+    ) -> dict[str, tuple[Tensor | None, Tensor]]:
+        """Teacher-space targets of ``names`` (default: every teacher): (summary [b, Cs] or None, features
+        [b, h, w, Cf]), float32. With ``rows``, teacher n's targets cover only the batch rows ``rows[n]``
+        (its partition): cached ones are sliced, an online teacher runs on those images only."""
+        names = self.teacher_names if names is None else list(names)
+        rows = rows or {}
         if "targets" in batch:
-            return {
-                n: (t["summary"].float() if "summary" in t else None, t["features"].float())
-                for n, t in batch["targets"].items()
-            }
+            out = {}
+            for n in names:
+                t, r = batch["targets"][n], rows.get(n, slice(None))
+                out[n] = (t["summary"][r].float() if "summary" in t else None, t["features"][r].float())
+            return out
         if not self._teachers:
             raise RuntimeError("the batch carries no cached teacher outputs and no teachers are attached")
         out = {}
-        for n, teacher in self._teachers.items():
+        for n in names:
             with torch.inference_mode():
-                o = teacher(batch["images"])
+                o = self._teachers[n](batch["images"][rows.get(n, slice(None))])
             # Copies made outside inference mode: the loss may keep the targets for its backward pass.
             out[n] = (
                 None if o.summary is None else o.summary.float().clone(),
@@ -163,49 +193,85 @@ class DistillModule(pl.LightningModule):
         return pred.flatten(1, 2), y.flatten(1, 2)
 
     def _terms(
-        self, out: Any, targets: Mapping[str, tuple], step: int | None, teacher_space: bool = True
+        self,
+        out: Any,
+        targets: Mapping[str, tuple],
+        step: int | None,
+        teacher_space: bool = True,
+        rows: Mapping[str, slice] | None = None,
+        tag: str = "",
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Total loss and per-teacher logs (normalized-space loss and MSE, summary cosine loss, and with
-        ``teacher_space`` the teacher-space MSE, which costs a [C, C] product per token). With a training
-        ``step``, the normalizers' estimation schedule sees the targets (None: evaluation, no update)."""
+        """Total loss over the teachers in ``targets`` and per-teacher logs (normalized-space loss and MSE,
+        summary cosine loss, and with ``teacher_space`` the teacher-space MSE, which costs a [C, C] product
+        per token). ``rows[n]``: the rows of the student output that teacher n's targets belong to (its
+        partition). ``tag`` names a separate term of the same teacher (``hires_``: its own AdaLoss and
+        log keys). With a training ``step`` (counted from the stage's start) the normalizers' estimation
+        schedule sees the targets (None: evaluation, no update)."""
         d = self.distill_cfg
         total = torch.zeros((), device=self.device)
         logs: dict[str, Tensor] = {}
-        for n in self.teacher_names:
-            summary_t, feats_t = targets[n]
+        for n, (summary_t, feats_t) in targets.items():
+            r = (rows or {}).get(n, slice(None))
             norm = self.normalizers[n]
-            pred, y = self._align(out.features[n], out.grid, feats_t)
+            pred, y = self._align(out.features[n][r], out.grid, feats_t)
             if step is not None:
-                norm.step(y, step - int(self.stage_start))
+                norm.step(y, step)
             x = norm(y)
             feat_loss = self.feature_loss(pred, x)
             term = d["feature_weight"] * (
-                self.adaloss[f"{n}_features"](feat_loss) if self.adaloss else feat_loss
+                self.adaloss[f"{n}_{tag}features"](feat_loss) if self.adaloss else feat_loss
             )
-            logs[f"{n}/feat_loss"] = feat_loss.detach()
+            logs[f"{n}/{tag}feat_loss"] = feat_loss.detach()
             with torch.no_grad():
-                logs[f"{n}/mse_norm"] = mse(pred, x)
+                logs[f"{n}/{tag}mse_norm"] = mse(pred, x)
                 if teacher_space:
-                    logs[f"{n}/mse_teacher"] = mse(norm.denormalize(pred), y)
+                    logs[f"{n}/{tag}mse_teacher"] = mse(norm.denormalize(pred), y)
             if summary_t is not None and n in out.summaries:
-                s_loss = cosine(out.summaries[n], summary_t)
+                s_loss = cosine(out.summaries[n][r], summary_t)
                 term = term + d["summary_weight"] * (
-                    self.adaloss[f"{n}_summary"](s_loss) if self.adaloss else s_loss
+                    self.adaloss[f"{n}_{tag}summary"](s_loss) if self.adaloss else s_loss
                 )
-                logs[f"{n}/summary_loss"] = s_loss.detach()
+                logs[f"{n}/{tag}summary_loss"] = s_loss.detach()
             total = total + term
         logs["loss"] = total.detach()
         return total, logs
 
-    def _begin_stage_if_new(self, resolution: int) -> None:
-        """A new input resolution starts a stage: statistics restart, the trunk freeze counts anew."""
-        if int(self.stage_resolution) == resolution:
+    @property
+    def stage_resolution(self) -> int:
+        """Image size of the stage trained last (-1 before training or where the plan does not say)."""
+        index = int(self.stage_index)
+        size = self.plan.stages[index].image_size if index >= 0 else None
+        return int(size) if size else -1
+
+    def partition_rows(self, batch_size: int, partitions: str) -> dict[str, slice]:
+        """Per teacher, the rows of a batch of ``batch_size`` its loss uses: all (``shared``) or its
+        contiguous 1/T (``per_teacher``, teacher t gets rows [t·b/T, (t+1)·b/T))."""
+        check_choice("partitions", partitions, PARTITIONS)
+        if partitions == "shared":
+            return {n: slice(None) for n in self.teacher_names}
+        t = len(self.teacher_names)
+        if batch_size % t:
+            raise ValueError(
+                f"per_teacher partitions: a batch of {batch_size} images does not split over {t} teachers "
+                f"{self.teacher_names}; the per-rank batch must be a multiple of {t}"
+            )
+        k = batch_size // t
+        return {n: slice(i * k, (i + 1) * k) for i, n in enumerate(self.teacher_names)}
+
+    def _begin_stage(self, index: int) -> None:
+        """A stage's first step: statistics restart (``schedule``) or are refitted from the teacher cache
+        at the stage's resolution (``cache``). Runs once per stage: ``stage_index`` is checkpointed, so a
+        run resumed mid-stage keeps the statistics it had."""
+        if int(self.stage_index) == index:
             return
-        if int(self.stage_resolution) >= 0 and self.distill_cfg["normalizer_fit"] == "schedule":
+        if self.distill_cfg["normalizer_fit"] == "schedule":
             for norm in self.normalizers.values():
                 norm.reset()
-        self.stage_resolution.fill_(resolution)
-        self.stage_start.fill_(int(self.global_step))
+        else:
+            dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+            if dm is not None and dm.cache_enabled:
+                self.fit_normalizers(dm.stage_caches(index), dm.stage_image_size(index))
+        self.stage_index.fill_(index)
 
     def _step_generator(self, step: int) -> torch.Generator:
         # Randomness (CPE windows) depends only on (seed, step), so a resumed run draws the same values.
@@ -214,23 +280,46 @@ class DistillModule(pl.LightningModule):
     def distill_loss(
         self, batch: Mapping[str, Any], step: int | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """One training step's loss and logs: stage bookkeeping, targets, (partly frozen) forward, terms.
+        """One training step's loss and logs: stage bookkeeping, targets per partition, (partly frozen)
+        student forward, terms; plus the high-resolution partition's terms in a stage that has one.
 
         ``step`` defaults to the trainer's global step; a loop without a Trainer passes its own count.
         """
         step = int(self.global_step) if step is None else int(step)
+        index = self.plan.index(step)
+        stage = self.plan.stages[index]
+        self._begin_stage(index)
+        local = step - stage.start
         images = batch["images"]
-        self._begin_stage_if_new(int(images.shape[-1]))
-        targets = self.targets(batch)
-        frozen = step - int(self.stage_start) < self.distill_cfg["freeze_trunk_steps"]
+        rows = self.partition_rows(len(images), stage.partitions)
+        targets = self.targets(batch, rows)
+        frozen = local < self.distill_cfg["freeze_trunk_steps"]
+        generator = self._step_generator(step)
         with torch.no_grad() if frozen else contextlib.nullcontext():
-            tokens, grid = self.student.forward_trunk(images, self._step_generator(step))
+            tokens, grid = self.student.forward_trunk(images, generator)
         out = self.student.heads(tokens, grid)
         # Teacher-space errors are only computed on the steps the trainer logs.
         every = self.trainer.log_every_n_steps if self._trainer is not None else 1
         logged = (step + 1) % every == 0
-        loss, logs = self._terms(out, targets, step, teacher_space=logged)
+        loss, logs = self._terms(out, targets, local, teacher_space=logged, rows=rows)
+        if stage.hires is not None:
+            if "hires" not in batch:
+                raise ValueError(
+                    f"stage {stage.name!r} has a high-resolution partition for {list(stage.hires.teachers)} "
+                    "but the batch has no 'hires' images; the data module serves them from the stage config"
+                )
+            hires = batch["hires"]
+            hires_targets = self.targets(hires, names=stage.hires.teachers)
+            with torch.no_grad() if frozen else contextlib.nullcontext():
+                tokens, grid = self.student.forward_trunk(hires["images"], generator)
+            hires_loss, hires_logs = self._terms(
+                self.student.heads(tokens, grid), hires_targets, local, teacher_space=logged, tag="hires_"
+            )
+            loss = loss + hires_loss
+            logs |= {k: v for k, v in hires_logs.items() if k != "loss"}
+            logs["loss"] = loss.detach()
         logs["trunk_frozen"] = torch.tensor(float(frozen))
+        logs["stage"] = torch.tensor(float(index))
         return loss, logs
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
@@ -257,7 +346,7 @@ class DistillModule(pl.LightningModule):
     # ------------------------------------------------------------------ normalizer statistics
 
     def on_fit_start(self) -> None:
-        """Attach uncached teachers and fit normalizers from the cache when configured."""
+        """Attach uncached teachers (the cache fit of the normalizers happens at each stage's first step)."""
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None:
             raise RuntimeError(
@@ -266,16 +355,11 @@ class DistillModule(pl.LightningModule):
         if not dm.cache_enabled and not self._teachers:
             self.attach_teachers(dm.teachers)
         self.prepare_teachers()
-        if self.distill_cfg["normalizer_fit"] == "cache":
-            if not dm.cache_enabled:
-                raise ValueError(
-                    "distill.normalizer_fit=cache needs the teacher cache; set cache.enabled=true or "
-                    "distill.normalizer_fit=schedule"
-                )
-            resolution = int(dm.train_set.size)
-            fitted = all(norm.fitted for norm in self.normalizers.values())
-            if not fitted or int(self.stage_resolution) != resolution:
-                self.fit_normalizers(dm.caches["train"], resolution)
+        if self.distill_cfg["normalizer_fit"] == "cache" and not dm.cache_enabled:
+            raise ValueError(
+                "distill.normalizer_fit=cache needs the teacher cache; set cache.enabled=true or "
+                "distill.normalizer_fit=schedule"
+            )
 
     def prepare_teachers(self) -> None:
         """Move the attached teachers to the device once: cast to ``distill.teacher_dtype`` and optionally
@@ -349,14 +433,11 @@ class DistillModule(pl.LightningModule):
             opt = Lamb(groups, lr=o["lr"], betas=tuple(o["betas"]))
         else:
             opt = torch.optim.SGD(groups, lr=o["lr"], momentum=o["betas"][0])
-        warmup, total, floor = int(o["warmup_steps"]), int(self.hparams.max_steps), float(o["min_lr_ratio"])
+        warmup, floor = int(o["warmup_steps"]), float(o["min_lr_ratio"])
 
         def factor(step: int) -> float:
-            # Linear warmup, then cosine decay to min_lr_ratio · lr at max_steps.
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+            # Linear warmup, then cosine decay to min_lr_ratio · lr, restarting at every stage.
+            return self.plan.lr_factor(step, warmup, floor)
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -32,7 +32,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from phis.build import build_datamodule, build_module, check_resume
+from phis.build import build_datamodule, build_module, check_resume, stage_plan
 from phis.data import DistillDataModule
 from phis.eval import EvalConfig, evaluate_module
 from phis.module import DistillModule
@@ -285,7 +285,11 @@ def fit(cfg: DictConfig, callbacks: Sequence[Callback], mirror: JobMirror) -> Fi
         logger = instantiate(cfg.logger) if cfg.get("logger") else False
     bars = [TQDMProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, logger=logger, callbacks=[checkpoint, *bars, *callbacks], default_root_dir=str(out)
+        cfg.trainer,
+        max_steps=stage_plan(cfg).total_steps,  # trainer.max_steps, or the stages' sum
+        logger=logger,
+        callbacks=[checkpoint, *bars, *callbacks],
+        default_root_dir=str(out),
     )
     fit_start = time.perf_counter()
     try:

@@ -1,4 +1,4 @@
-"""experiments.check_paper_geometry: the tiny run passes and a wrong geometry fails it; the real one (slow)."""
+"""experiments.check_paper_geometry: the tiny run passes, a wrong geometry fails it; the real one (slow)."""
 
 import dataclasses
 from pathlib import Path
@@ -19,6 +19,9 @@ def test_tiny_run_has_the_expected_geometry_and_stage_mechanics(tiny_report) -> 
     assert stage2["teachers"]["sam"]["grid"] == (3, 3) and first["teachers"]["sam"]["grid"] == (2, 2)
     assert stage2["teachers"]["sam"]["encoder"] == 128 and stage2["teachers"]["clip"]["side"] == (32, 32)
     assert first["student_tokens"] == 4 + 4 + 4 * 4 and stage2["student_tokens"] == 4 + 4 + 6 * 6
+    assert [s["partitions"] for s in tiny_report["steps"]] == ["per_teacher"] * 3
+    assert first["teachers"]["dinov2"]["batch"] == 1  # one image of the four per teacher
+    assert stage2["lr"] == first["lr"] and stage2["trunk_frozen"]  # the new stage restarts
     text = geometry.table(geometry.TINY, tiny_report)
     assert "48 px → 128 padded" in text and text.rstrip().endswith("PASS")
 
@@ -35,9 +38,11 @@ def test_any_mismatch_is_reported(tiny_report) -> None:
     broken = {**tiny_report, "steps": [dict(s) for s in tiny_report["steps"]]}
     broken["steps"][1]["loss"] = float("nan")
     broken["steps"][2]["counts"] = {n: c + 1 for n, c in broken["steps"][2]["counts"].items()}
+    broken["steps"][2]["lr"] = broken["steps"][1]["lr"] * 1.5
     failures = geometry.check(geometry.TINY, broken)
     assert any("step 1: non-finite loss" in f for f in failures)
     assert any("statistics token counts" in f for f in failures)
+    assert any("does not restart" in f for f in failures)
 
 
 @pytest.mark.slow
@@ -46,4 +51,5 @@ def test_paper_geometry_on_the_cpu(tmp_path: Path) -> None:
     out = tmp_path / "geometry.md"
     assert geometry.main(["--out", str(out)]) == 0
     text = out.read_text()
-    assert "256 px → 1024 padded" in text and "432 px → 1024 padded" in text and text.rstrip().endswith("PASS")
+    assert "256 px → 1024 padded" in text and "432 px → 1024 padded" in text
+    assert text.rstrip().endswith("PASS")
