@@ -104,8 +104,11 @@ def check_resume(path: Path, module: DistillModule) -> None:
                     f"cannot resume {path}: teacher {n!r} has {key}={spec[key]} now but "
                     f"{saved['teachers'][n].get(key)} in the checkpoint; use a new output directory"
                 )
-    if saved["student"] != dict(module.hparams.student):
+    # The initial weights (student.pretrained) no longer matter once there is a checkpoint.
+    saved_student = {k: v for k, v in saved["student"].items() if k != "pretrained"}
+    student = {k: v for k, v in dict(module.hparams.student).items() if k != "pretrained"}
+    if saved_student != student:
         raise ValueError(
-            f"cannot resume {path}: the student config differs ({saved['student']} there, "
-            f"{dict(module.hparams.student)} now); use a new output directory"
+            f"cannot resume {path}: the student config differs ({saved_student} there, "
+            f"{student} now); use a new output directory"
         )

@@ -43,6 +43,7 @@ from phis.config import check_choice
 from phis.losses import AdaLoss, cosine, make_loss, mse
 from phis.metrics import TeacherErrorMeter
 from phis.normalizers import make_normalizer
+from phis.spectral import spectral_reparams
 from phis.stages import PARTITIONS, StagePlan
 from phis.student import MultiTeacherViT
 
@@ -411,11 +412,15 @@ class DistillModule(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         o = dict(self.hparams.optim)
         decay, no_decay = [], []
+        # The 0-dim scales γ of spectral reparametrization are decayed, as the PHI-S recipe does: the layer
+        # W = γ W̄ / σ(W̄) does not depend on the size of W̄, so γ's decay is what bounds its spectral norm.
+        scales = {id(m.scale) for m in spectral_reparams(self)}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
             # Biases, norms, position table and prefix tokens are not weight-decayed.
-            (no_decay if p.ndim <= 1 or name.endswith(("pos_table", "prefix")) else decay).append(p)
+            plain = p.ndim <= 1 or name.endswith(("pos_table", "prefix"))
+            (no_decay if plain and id(p) not in scales else decay).append(p)
         groups = [
             {"params": decay, "weight_decay": o["weight_decay"]},
             {"params": no_decay, "weight_decay": 0.0},
@@ -439,11 +444,13 @@ class DistillModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ evaluation API
 
-    def _grid_maps(self, feats: Tensor, grid: tuple[int, int], name: str) -> Tensor:
-        """Student-grid tokens ``[B, h*w, C]`` → maps on the teacher's grid ``[B, C, h', w']``."""
-        maps = resample_grid(
-            feats.unflatten(1, grid), self.teacher_specs[name]["grid"], self.distill_cfg["resample_mode"]
-        )
+    def _grid_maps(
+        self, feats: Tensor, grid: tuple[int, int], name: str, size: tuple[int, int] | None = None
+    ) -> Tensor:
+        """Student-grid tokens ``[B, h*w, C]`` → maps ``[B, C, h', w']`` on ``size`` (default: the teacher's
+        grid; a SAM that pads its input has a grid that follows the image size)."""
+        size = size or self.teacher_specs[name]["grid"]
+        maps = resample_grid(feats.unflatten(1, grid), size, self.distill_cfg["resample_mode"])
         return maps.permute(0, 3, 1, 2)
 
     @torch.no_grad()
@@ -524,9 +531,10 @@ class DistillModule(pl.LightningModule):
                 summary_t, y = targets[n]
                 y = y.to(dev).float()  # [B, h, w, C]
                 norm = self.normalizers[n]
-                pred = self._grid_maps(norm.denormalize(out.features[n]), out.grid, n)  # [B, C, h, w]
+                size = tuple(y.shape[1:3])
+                pred = self._grid_maps(norm.denormalize(out.features[n]), out.grid, n, size)  # [B, C, h, w]
                 teacher_space.update(pred, y.permute(0, 3, 1, 2))
-                pred_norm = self._grid_maps(out.features[n], out.grid, n)
+                pred_norm = self._grid_maps(out.features[n], out.grid, n, size)
                 normalized.update(pred_norm, norm(y).permute(0, 3, 1, 2))
                 summary = out.summaries.get(n)
                 if summary_t is not None and summary is not None:

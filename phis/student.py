@@ -8,6 +8,14 @@ norm itself, so the number of summary tokens and the position-embedding policy a
 summary output (SAM), whose token is simply not supervised. The trunk summary used for probes is
 summary token 0 (the first teacher's, a CLIP model in the paper-scale sets, as RADIO exposes).
 
+Initial weights (``pretrained``): random, timm's hub weights of ``model``, or a local timm/ImageNet file.
+What applies is mapped into the trunk (patch embedding, blocks, final norm) and the file's position
+embedding is resampled into the table (with CPE, the 14×14 ImageNet table becomes the large CPE table);
+the class token, the classifier and the summary/register tokens are not loaded. Loading happens when a
+run starts fresh (``load_pretrained``), never when a checkpoint is restored. With ``spectral_reparam``
+every linear layer of the trunk is spectrally reparametrized (``phis.spectral``); the heads stay plain
+so that a normalizer can be folded into their last layer.
+
 Position embeddings are learned on a ``[G, G]`` table. Without CPE, G = img_size / patch and other
 grids resample the table bilinearly. With CPE (cropped position embedding), G is larger
 (``cpe_max_size / patch``); training uses a random ``[h, w]`` window per sample, evaluation the centre
@@ -16,6 +24,9 @@ window, so the student sees a consistent embedding at every resolution up to ``c
 
 from __future__ import annotations
 
+import logging
+import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +37,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from phis.adaptors import MLP2
+from phis.spectral import apply_spectral_reparam, reset_spectral_reparams
+from phis.teachers import WeightsUnavailableError, hub_offline
+
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".npz")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,8 +75,15 @@ class MultiTeacherViT(nn.Module):
         head_hidden_dim: int = 512,
         head_num_inner: int = 0,
         trunk_kwargs: Mapping[str, Any] | None = None,
+        pretrained: bool | str | None = False,
+        spectral_reparam: bool = False,
     ) -> None:
         super().__init__()
+        if not (pretrained is None or isinstance(pretrained, (bool, str))):
+            raise ValueError(
+                f"student.pretrained={pretrained!r}; use false, true (timm's hub weights of {model!r}) "
+                "or the path of a local weight file"
+            )
         if not teachers:
             raise ValueError("MultiTeacherViT needs at least one teacher")
         for name in teachers:
@@ -68,6 +92,9 @@ class MultiTeacherViT(nn.Module):
         if num_registers < 0:
             raise ValueError(f"num_registers must be >= 0, got {num_registers}")
         self.teacher_names = list(teachers)
+        self.model_name = model
+        self.trunk_kwargs = dict(trunk_kwargs or {})
+        self.pretrained = pretrained or False
         self.trunk = timm.create_model(
             model,
             pretrained=False,
@@ -116,6 +143,54 @@ class MultiTeacherViT(nn.Module):
                     dim, int(spec["summary_dim"]), head_hidden_dim, head_num_inner
                 )
             self.feature_heads[name] = MLP2(dim, int(spec["feature_dim"]), head_hidden_dim, head_num_inner)
+        if spectral_reparam:
+            apply_spectral_reparam(self.trunk)
+
+    def load_pretrained(self) -> dict[str, Any]:
+        """Load ``self.pretrained`` into the trunk and position table; returns (and logs) what was loaded
+        and what was not. A no-op without ``pretrained``."""
+        if not self.pretrained:
+            return {}
+        state = timm_weights(self.model_name, self.pretrained, self.trunk_kwargs)
+        target = self.trunk.state_dict()
+        mapped: dict[str, Tensor] = {}
+        unused, mismatched = [], []
+        for key, value in state.items():
+            # A spectrally reparametrized weight lives at <layer>.parametrizations.weight.original.
+            dest = key if key in target else key.replace(".weight", ".parametrizations.weight.original")
+            if key == "pos_embed" or dest not in target:
+                unused.append(key)
+            elif target[dest].shape != value.shape:
+                mismatched.append(f"{key} {tuple(value.shape)} (trunk: {tuple(target[dest].shape)})")
+            else:
+                mapped[dest] = value
+        source = "hub" if self.pretrained is True else self.pretrained
+        if mismatched or not any(k.startswith("blocks.") for k in mapped):
+            raise ValueError(
+                f"student.pretrained={source!r} does not fit the trunk {self.model_name!r} "
+                f"(trunk_kwargs={self.trunk_kwargs}): mismatched shapes {mismatched or 'none'}, "
+                f"{sum(k.startswith('blocks.') for k in mapped)} block tensors matched"
+            )
+        self.trunk.load_state_dict(mapped, strict=False)
+        reset_spectral_reparams(self.trunk)
+        if "pos_embed" in state:
+            with torch.no_grad():
+                self.pos_table.copy_(resample_position_grid(position_grid(state), self.pos_table.shape[1]))
+            unused.remove("pos_embed")
+        derived = ".parametrizations.weight.0."  # spectral-norm vectors and scales, set from the weights
+        not_loaded = [k for k in target if k not in mapped and derived not in k] + ["prefix"]
+        if "pos_embed" not in state:
+            not_loaded.append("pos_table")
+        report = {"source": source, "loaded": len(mapped), "not_loaded": not_loaded, "unused": unused}
+        log.info(
+            "student initialized from %s: %d trunk tensors and %s; not loaded: %s; unused in the file: %s",
+            source,
+            len(mapped),
+            "the position table" if "pos_embed" in state else "no position table",
+            ", ".join(not_loaded),
+            ", ".join(unused) or "none",
+        )
+        return report
 
     @property
     def num_prefix(self) -> int:
@@ -178,3 +253,71 @@ class MultiTeacherViT(nn.Module):
         """``images: [B, 3, H, W]`` RGB in [0, 1] → per-teacher predictions."""
         tokens, grid = self.forward_trunk(images, generator)
         return self.heads(tokens, grid)
+
+
+def check_pretrained(model: str, pretrained: bool | str | None) -> None:
+    """Fail at once when the student's initial weights cannot be had (before any teacher is built)."""
+    if not pretrained:
+        return
+    if pretrained is True:
+        if hub_offline():
+            raise WeightsUnavailableError(
+                f"student.pretrained=true downloads timm's {model!r} weights, but the hub is switched off "
+                "(HF_HUB_OFFLINE); download them on a machine with network and set "
+                "student.pretrained=/path/to/model.safetensors (or PHIS_STUDENT_WEIGHTS=...), or "
+                "student.pretrained=false"
+            )
+        return
+    if not os.path.isfile(pretrained):
+        raise FileNotFoundError(f"student.pretrained={pretrained!r} does not exist")
+    if not pretrained.endswith(WEIGHT_FILE_SUFFIXES):
+        raise ValueError(
+            f"student.pretrained={pretrained!r}: not a weight file timm reads; use one of "
+            f"{', '.join(WEIGHT_FILE_SUFFIXES)}"
+        )
+
+
+def timm_weights(model: str, pretrained: bool | str, trunk_kwargs: Mapping[str, Any]) -> dict[str, Tensor]:
+    """State dict of timm's VisionTransformer ``model``: its hub weights (True) or a local file."""
+    check_pretrained(model, pretrained)
+    if pretrained is True:
+        try:
+            return timm.create_model(model, pretrained=True, **trunk_kwargs).state_dict()
+        except Exception as err:  # hub failures come in many types
+            raise WeightsUnavailableError(
+                f"student.pretrained=true: timm's {model!r} weights could not be downloaded ({err}); set "
+                "student.pretrained=/path/to/model.safetensors"
+            ) from err
+    if pretrained.endswith(".npz"):
+        # Google's JAX checkpoints: timm's own reader maps them into its VisionTransformer.
+        ref = timm.create_model(model, pretrained=False, **trunk_kwargs)
+        ref.load_pretrained(pretrained)
+        return ref.state_dict()
+    return timm.models.load_state_dict(pretrained)
+
+
+def position_grid(state: Mapping[str, Tensor]) -> Tensor:
+    """The patch part of a timm ``pos_embed`` ``[1, P + g*g, D]`` as ``[1, g, g, D]`` (P: class/register
+    positions, absent when the model does not embed them)."""
+    pos = state["pos_embed"]
+    prefix = int("cls_token" in state) + (state["reg_tokens"].shape[1] if "reg_tokens" in state else 0)
+    n = pos.shape[1]
+    for p in (prefix, 0):
+        g = math.isqrt(n - p)
+        if g * g == n - p:
+            return pos[:, p:].reshape(1, g, g, pos.shape[2])
+    raise ValueError(f"pos_embed with {n} positions is not {prefix} prefix positions plus a square grid")
+
+
+def resample_position_grid(grid: Tensor, size: int) -> Tensor:
+    """``[1, g, g, D]`` → ``[1, size, size, D]``, bicubic and antialiased as timm resamples its tables."""
+    if grid.shape[1] == size:
+        return grid
+    out = F.interpolate(
+        grid.permute(0, 3, 1, 2).float(),
+        size=(size, size),
+        mode="bicubic",
+        antialias=True,
+        align_corners=False,
+    )
+    return out.permute(0, 2, 3, 1).to(grid.dtype)

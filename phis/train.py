@@ -47,6 +47,7 @@ from phis.results import (
     markdown_table,
     read_json,
 )
+from phis.student import check_pretrained
 from phis.wandb_logging import JobMirror, train_tables, train_tags
 
 log = logging.getLogger("phis.train")
@@ -258,16 +259,20 @@ def fit(cfg: DictConfig, callbacks: Sequence[Callback], mirror: JobMirror) -> Fi
     # Pretrained CNN teachers produce subnormal floats that make CPU inference ~3x slower; flush them.
     torch.set_flush_denormal(True)
 
+    last = out / "checkpoints" / "last.ckpt"
+    resume = last if last.is_file() else None
+    if resume is None:  # missing initial weights fail now, not after the teachers are built
+        check_pretrained(cfg.student.model, cfg.student.get("pretrained"))
     start = time.perf_counter()
     dm = build_datamodule(cfg)
     specs = dm.teacher_specs()
     cache_s = time.perf_counter() - start
     module = build_module(cfg, specs)
-    last = out / "checkpoints" / "last.ckpt"
-    resume = last if last.is_file() else None
     if resume is not None:
         check_resume(resume, module)
         log.info("resuming from %s", resume)
+    else:
+        module.student.load_pretrained()
 
     ck = cfg.checkpoint
     checkpoint = LastCheckpoint(

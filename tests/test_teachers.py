@@ -146,10 +146,7 @@ def test_tiny_preprocessing_matches_written_out_normalization(name):
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in EXPECTED_NORM[name])
     images = torch.rand(3, 3, 50, 70)
     resized = F.interpolate(images, size=(t.input_size, t.input_size), mode="bilinear", antialias=True)
-    x = (resized - mean) / std
-    if name == "tiny_sam":  # zero-padded to the encoder size after normalization
-        pad = t.encoder_size - t.input_size
-        x = F.pad(x, (0, pad, 0, pad))
+    x = (resized - mean) / std  # SAM's encode zero-pads it to the encoder size itself
     with torch.no_grad():
         summary, feats = t.encode(x)
     out = t(images)
@@ -279,16 +276,41 @@ def test_sam_trunk_neck_and_padding_crop():
     images = torch.rand(2, 3, 80, 80)
     x = trunk.preprocess(images)
     g = trunk.grid
-    assert x.shape[-1] == trunk.encoder_size and g * trunk.patch_size == trunk.input_size < trunk.encoder_size
-    assert torch.all(x[..., trunk.input_size :, :] == 0) and torch.all(x[..., :, trunk.input_size :] == 0)
+    assert x.shape[-1] == trunk.input_size and g * trunk.patch_size == trunk.input_size < trunk.encoder_size
+    pad = trunk.encoder_size - trunk.input_size
+    padded = F.pad(x, (0, pad, 0, pad))  # zeros after normalization, as segment_anything pads
     seen = {}
     hook = trunk.encoder.blocks[-1].register_forward_hook(lambda m, i, o: seen.update(o=o))
     with torch.no_grad():
-        full = trunk.encoder(x)  # segment_anything's own forward (ends with the neck)
+        full = trunk.encoder(padded)  # segment_anything's own forward (ends with the neck)
     hook.remove()
     torch.testing.assert_close(trunk(images).features, seen["o"].permute(0, 3, 1, 2)[:, :, :g, :g])
     torch.testing.assert_close(neck(images).features, full[:, :, :g, :g])
     assert neck.feature_dim == full.shape[1] and trunk.feature_dim == seen["o"].shape[-1]
+
+
+def test_sam_pad_input_pads_each_size_as_it_comes():
+    """pad_input: a 32 or 96 px image is padded unresized (grid 2 / 6 of 16 px cells), exactly as the
+    encoder sees it written out by hand; sizes that cannot be padded as they are are resized."""
+    t = build_teacher({**cfg("tiny_sam"), "pad_input": True})
+    plain = tiny("tiny_sam")
+    assert t.grid == plain.grid == 4  # image_size 64: the grid the teacher declares
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in EXPECTED_NORM["tiny_sam"])
+    seen = {}
+    t.encoder.blocks[-1].register_forward_hook(lambda m, i, o: seen.update(o=o))
+    for side in (32, 96, 128):
+        images = torch.rand(2, 3, side, side)
+        out = t(images).features
+        g = side // 16
+        assert out.shape == (2, t.feature_dim, g, g)
+        pad = t.encoder_size - side
+        with torch.no_grad():
+            t.encoder(F.pad((images - mean) / std, (0, pad, 0, pad)))
+        torch.testing.assert_close(out, seen["o"].permute(0, 3, 1, 2)[:, :, :g, :g])
+    for shape in ((40, 40), (48, 64), (144, 144)):  # not a multiple of 16, not square, above 128
+        assert t(torch.rand(1, 3, *shape)).features.shape[-2:] == (4, 4)
+    images = torch.rand(1, 3, 64, 64)
+    torch.testing.assert_close(t(images).features, plain(images).features)  # at image_size: unchanged
 
 
 @pytest.mark.parametrize("name", ["tiny_timm_vit", "tiny_timm_cnn"])

@@ -361,3 +361,29 @@ def test_ddp_on_two_cpu_ranks_fits_normalizers_on_every_rank_s_tokens(tmp_path, 
         )
     # AdaLoss: one running estimate per term, identical on both ranks, so rank 0's is the average
     assert int(state["adaloss.clip_features.steps"]) == 4
+
+
+@pytest.mark.slow
+def test_pretrained_student_is_loaded_when_a_run_starts_never_on_resume(tmp_path, cache_dir) -> None:
+    """A timm file of the tiny student's architecture, LR 0: the trained trunk is the file's; the resumed
+    run does not need the file any more. Spectral reparametrization rides along through the checkpoint."""
+    import timm
+    from safetensors.torch import save_file
+
+    ref = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2
+    )
+    weights = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(weights))
+    out = tmp_path / "run"
+    overrides = (f"student.pretrained={weights}", "student.spectral_reparam=true", "optim.lr=0")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(make_cfg(out, cache_dir, "trainer.max_steps=8", *overrides), callbacks=[CrashAt(6)])
+    state = final_state(out)  # step 4
+    qkv = "student.trunk.blocks.0.attn.qkv.parametrizations.weight.original"
+    assert torch.equal(state[qkv], ref.blocks[0].attn.qkv.weight.detach())
+    assert torch.equal(state["student.pos_table"][0], ref.pos_embed[0, 1:].detach().reshape(4, 4, 32))
+    assert "student.trunk.blocks.0.attn.qkv.parametrizations.weight.0.u" in state
+    weights.unlink()
+    resumed = train(make_cfg(out, cache_dir, "trainer.max_steps=8", *overrides))
+    assert resumed["resumed_from"].endswith("last.ckpt") and resumed["steps"] == 8

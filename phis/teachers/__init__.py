@@ -125,15 +125,16 @@ class Teacher(nn.Module):
         """Teachers stay in eval mode even when a parent module switches to training."""
         return super().train(False)
 
-    def preprocess(self, images: Tensor) -> Tensor:
-        """images: [B, 3, H, W] RGB in [0, 1] -> [B, 3, S, S] resized to input_size and normalized."""
+    def preprocess(self, images: Tensor, size: int | None = None) -> Tensor:
+        """images: [B, 3, H, W] RGB in [0, 1] -> [B, 3, S, S] resized to ``size`` (default input_size) and
+        normalized."""
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
             raise ValueError(
                 f"teacher '{self.name}' expects float images [B, 3, H, W] in [0, 1], "
                 f"got {tuple(images.shape)} {images.dtype}"
             )
         x = images.to(self.mean.dtype)
-        size = self.input_size
+        size = size or self.input_size
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         return (x - self.mean) / self.std

@@ -4,7 +4,9 @@
 SAM's encoder only runs at its native size (1024): its absolute and windowed relative position
 embeddings are fixed. A smaller image is therefore resized to `image_size`, zero-padded (after
 normalization, as SAM itself does) at the bottom/right up to 1024, and the feature map is cropped to
-the `image_size / 16` cells that see the image."""
+the `image_size / 16` cells that see the image. With `pad_input` an image is padded as it comes, not
+resized, whenever it fits (square, a multiple of 16, at most 1024 px): the paper's geometry, where a
+256 px student image gives SAM 16x16 features, a 432 px one 27x27 and a 1024 px one 64x64."""
 
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ class SamTeacher(Teacher):
         checkpoint: str | None = None,
         image_size: int | None = None,
         use_neck: bool = False,
+        pad_input: bool = False,
         tiny: bool = False,
         random_init: bool = False,
     ) -> None:
@@ -101,20 +104,30 @@ class SamTeacher(Teacher):
             self.encoder.load_state_dict(state, strict=True)
         self.encoder_size = encoder_size
         self.use_neck = use_neck
+        self.pad_input = pad_input
         self.patch_size = patch
         self.grid = image_size // patch
         self.summary_dim = None
         self.feature_dim = dims["out_chans"] if use_neck else dims["embed_dim"]
         self._freeze()
 
+    def content_size(self, images: Tensor) -> int:
+        """Side in pixels of the image inside SAM's padded input: the image's own side with `pad_input`
+        when it fits, else `image_size`."""
+        h, w = images.shape[-2:]
+        fits = h == w and w <= self.encoder_size and w % self.patch_size == 0
+        return int(w) if self.pad_input and fits else self.input_size
+
     def preprocess(self, images: Tensor) -> Tensor:
-        """images [B, 3, H, W] in [0, 1] -> resized to image_size, normalized, zero-padded to encoder size."""
-        x = super().preprocess(images)
-        pad = self.encoder_size - self.input_size
-        return F.pad(x, (0, pad, 0, pad)) if pad else x
+        """images [B, 3, H, W] in [0, 1] -> [B, 3, S, S] normalized, S = content_size (padded in encode)."""
+        return super().preprocess(images, self.content_size(images))
 
     def encode(self, x: Tensor) -> tuple[None, Tensor]:
+        """x [B, 3, S, S] normalized -> features [B, C, S/16, S/16] (zero-padded to the encoder size)."""
         enc = self.encoder
+        grid = x.shape[-1] // self.patch_size
+        pad = self.encoder_size - x.shape[-1]
+        x = F.pad(x, (0, pad, 0, pad)) if pad else x
         tokens = enc.patch_embed(x)  # [B, H/16, W/16, C]
         if enc.pos_embed is not None:
             tokens = tokens + enc.pos_embed
@@ -123,4 +136,4 @@ class SamTeacher(Teacher):
         feats = tokens.permute(0, 3, 1, 2)  # [B, C, H/16, W/16]
         if self.use_neck:
             feats = enc.neck(feats)
-        return None, feats[:, :, : self.grid, : self.grid].contiguous()
+        return None, feats[:, :, :grid, :grid].contiguous()
