@@ -139,6 +139,8 @@ if [[ "$ONLY" == all || "$ONLY" == phis ]]; then
     phis_sweep phis_methods
   fi
   phis_sweep phis_analyses
+  stage "PHI-S: the paper's claims on this sweep -> $RESULTS/phis/claims.md"
+  "$PY" -m experiments.phis_claims "$RUNS/$PROFILE/phis_methods" "$RESULTS/phis"
   if [[ "$LAUNCHER" == slurm ]]; then
     echo "[reproduce] SLURM: each sweep's tables are written by its on_multirun_end hook on this host"
   fi
