@@ -84,6 +84,12 @@ def test_alpha_claim_reads_table8(tmp_path: Path) -> None:
     assert alpha_claim(tmp_path / "missing.csv") is None
 
 
+def test_claims_about_all_methods_need_all_methods() -> None:
+    runs = [r for r in make_runs({"phi_s": 3.0, "mse": -3.0}, noise=0.05) if r.method in ("mse", "phi_s")]
+    verdicts = by_claim(claims(runs)[0])
+    assert verdicts == {"Plain MSE neglects the low-variance teacher": "agree"}
+
+
 def test_single_seed_is_never_a_verdict() -> None:
     found, _ = claims(make_runs({"phi_s": 3.0, "mse": -3.0}, noise=0.0, seeds=1))
     assert found and all(c.verdict == "inconclusive" for c in found)
