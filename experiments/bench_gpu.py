@@ -106,16 +106,7 @@ def _sync(device: torch.device) -> None:
 def run_case(cfg: Any, device: torch.device, batch: int, steps: int, warmup: int) -> dict[str, Any]:
     """Time ``steps`` training steps (after ``warmup``) at one batch size; parts in ms per step."""
     teachers = {n: build_teacher(c) for n, c in teacher_set(cfg).items()}
-    specs = {
-        n: {
-            "summary_dim": t.summary_dim,
-            "feature_dim": t.feature_dim,
-            "grid": (t.grid, t.grid),
-            "input_size": t.input_size,
-            "patch_size": t.patch_size,
-        }
-        for n, t in teachers.items()
-    }
+    specs = {n: t.spec() for n, t in teachers.items()}
     module = build_module(cfg, specs).to(device)
     module.attach_teachers(teachers)
     module.prepare_teachers()

@@ -231,16 +231,7 @@ def run(setup: Setup, log: Callable[[str], None] = print) -> dict[str, Any]:
         drop_text_tower(teachers[name])
         build_s[name] = time.perf_counter() - start
         log(f"built {name} in {build_s[name]:.1f} s; peak RSS {peak_rss_gib():.2f} GiB")
-    specs = {
-        n: {
-            "summary_dim": t.summary_dim,
-            "feature_dim": t.feature_dim,
-            "grid": (t.grid, t.grid),
-            "input_size": t.input_size,
-            "patch_size": t.patch_size,
-        }
-        for n, t in teachers.items()
-    }
+    specs = {n: t.spec() for n, t in teachers.items()}
     module = build_module(cfg, specs)
     module.attach_teachers(teachers)
     module.prepare_teachers()

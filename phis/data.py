@@ -588,16 +588,7 @@ class DistillDataModule(pl.LightningDataModule):
         if self.cache_enabled:
             self.prepare_data()
             return {name: cache.spec for name, cache in self.caches["train"].items()}
-        return {
-            name: {
-                "summary_dim": t.summary_dim,
-                "feature_dim": t.feature_dim,
-                "grid": (t.grid, t.grid),
-                "input_size": t.input_size,
-                "patch_size": t.patch_size,
-            }
-            for name, t in self.teachers.items()
-        }
+        return {name: t.spec() for name, t in self.teachers.items()}
 
     def dataset(self, split: str, limit: int | None = None, rank: int = 0, world_size: int = 1) -> Dataset:
         """Images of a split with their cached targets (if caching), the first ``limit`` only if given;

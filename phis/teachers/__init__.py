@@ -121,6 +121,16 @@ class Teacher(nn.Module):
         self.feature_dim = features.shape[1]
         self.grid = features.shape[-1]
 
+    def spec(self) -> dict[str, object]:
+        """What a student and the cache need of this teacher: widths, grid (h, w), input size, stride."""
+        return {
+            "summary_dim": self.summary_dim,
+            "feature_dim": self.feature_dim,
+            "grid": (self.grid, self.grid),
+            "input_size": self.input_size,
+            "patch_size": self.patch_size,
+        }
+
     def train(self, mode: bool = True) -> Teacher:
         """Teachers stay in eval mode even when a parent module switches to training."""
         return super().train(False)

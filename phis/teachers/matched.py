@@ -37,7 +37,7 @@ import torch
 from scipy.optimize import brentq
 from torch import Tensor
 
-from phis.stats import TABLE7_KEYS, ChannelMoments, activation_stats
+from phis.stats import TABLE7_KEYS, ChannelMoments
 from phis.teachers import Teacher, build_teacher
 
 log = logging.getLogger(__name__)
@@ -231,12 +231,3 @@ class StatsMatchedTeacher(Teacher):
         out = self.base(x)
         feats = out.features * self.scale.to(out.features.dtype) + self.shift.to(out.features.dtype)
         return out.summary, feats
-
-    def pool_stats(self, moments: ChannelMoments) -> dict[str, float]:
-        """Table 7 statistics of mapped features, given the base features' moments (exact, no rerun)."""
-        mapped = ChannelMoments(self.feature_dim, torch.device("cpu"))
-        scale, shift = self.scale.flatten().double(), self.shift.flatten().double()
-        mapped.count = moments.count
-        mapped.mean = moments.mean * scale + shift
-        mapped.m2 = moments.m2 * scale**2
-        return activation_stats(mapped)
