@@ -163,6 +163,22 @@ def test_batched_sgd_equals_one_probe_at_a_time() -> None:
     assert fit_sgd_batched(X, []) == []
 
 
+def test_batched_sgd_with_one_momentum_and_idle_probes_equals_one_at_a_time() -> None:
+    """The path where every probe shares the momentum (folded into the gradient's product) and only
+    cross-entropy is used, with a padded group (seeds 7, 7, 8) and a last minibatch of 10 of 16."""
+    X, y = _mixture(N=90)
+    rng = np.random.default_rng(5)
+    recipe = SGDRecipe(epochs=5, batch_size=16, lr=0.05)
+    tasks = [
+        ProbeTask(one_hot(y, 3), 1e-2, recipe, seed=7),
+        ProbeTask(rng.dirichlet(np.ones(3), size=90), 1e-3, recipe, seed=7),
+        ProbeTask(one_hot(rng.integers(0, 3, 90), 3), 0.0, recipe, seed=8),
+    ]
+    for task, fit in zip(tasks, fit_sgd_batched(X, tasks)):
+        alone = fit_sgd(X, task.targets, task.lam, task.recipe, seed=task.seed)
+        np.testing.assert_allclose(fit.W, alone.W, rtol=1e-5, atol=1e-6 * np.abs(alone.W).max())
+
+
 def test_batched_sgd_needs_one_minibatch_grid() -> None:
     X, y = _mixture(N=30)
     tasks = [ProbeTask(one_hot(y, 3), 1e-2, SGDRecipe(epochs=e, batch_size=8)) for e in (2, 3)]

@@ -258,7 +258,7 @@ def fit_sgd_batched(
     perms = torch.empty(U, epochs, N, dtype=torch.int64)
     # per probe [U, G]: float64 like the Python floats of fit_sgd, cast to float32 where used
     lr, lr_decay, momentum, lam, q = (np.zeros((U, G)) for _ in range(5))
-    gce = np.zeros((U, G), dtype=bool)
+    gce, used = np.zeros((U, G), dtype=bool), np.zeros((U, G), dtype=bool)
     for u, ((seed, draw_init), members) in enumerate(groups.items()):
         gen = torch.Generator().manual_seed(seed)
         if draw_init:  # nn.Linear's default, as in fit_sgd
@@ -273,6 +273,7 @@ def fit_sgd_batched(
             T[u, :, g] = torch.as_tensor(task.targets, dtype=torch.float32)
             lr[u, g], lr_decay[u, g], momentum[u, g] = recipe.lr, recipe.lr_decay, recipe.momentum
             lam[u, g], q[u, g], gce[u, g] = task.lam, task.q, task.loss == "gce"
+            used[u, g] = True
 
     device = torch.device(device or "cpu")
     W, T, perms = W.to(device), T.to(device), perms.to(device)
@@ -284,32 +285,48 @@ def fit_sgd_batched(
     lam_w, momentum_w = per_probe(lam, (U, G, 1, 1)), per_probe(momentum, (U, G, 1, 1))
     q_z, gce_z = per_probe(q, (U, 1, G, 1)), torch.as_tensor(gce).to(device).view(U, 1, G, 1)
     has_gce, has_ce = bool(gce.any()), bool((~gce).any())
+    # One momentum for every probe (the paper's 0.9): the decay of the buffer rides in the gradient's
+    # batched matmul (baddbmm's beta) instead of a pass of its own.
+    # (The idle probes' learning rate is 0, so their momentum is any.)
+    momenta = np.unique(momentum[used])
+    shared_momentum = float(momenta[0]) if len(momenta) == 1 else None
     Xe, ye = None, None
     if X_eval is not None and len(y_eval) > 0:
         Xe, ye = torch.as_tensor(X_eval, dtype=torch.float32).to(device), torch.as_tensor(y_eval).to(device)
     curve = torch.full((U, G, epochs), math.nan, dtype=torch.float64, device=device)
-    first_row = torch.arange(U, device=device)[:, None] * N  # of each group's targets in T.view(U·N, G·K)
+    # Rows of each group's targets in T.view(U·N, G·K), in minibatch order
+    target_rows = perms + torch.arange(U, device=device).view(U, 1, 1) * N
     Tf, Wf = T.view(U * N, G * K), W.view(U, G * K, D)
     momentum_buf = torch.zeros_like(W)
+    buf_f = momentum_buf.view(U, G * K, D)
     W_best, best = W.clone(), torch.full((U, G), -1.0, dtype=torch.float64, device=device)
+    logits_buf = torch.empty(U, batch_size, G * K, device=device)
     for epoch in range(epochs):
         neg_lr_w = per_probe(-lr, (U, G, 1, 1))
         for start in range(0, N, batch_size):
             idx = perms[:, epoch, start : start + batch_size]  # [U, B]
             B = idx.shape[1]
             xb = Xt.index_select(0, idx.reshape(-1)).view(U, B, D)
-            targets = Tf.index_select(0, (idx + first_row).reshape(-1)).view(U, B, G, K)
-            logits = torch.bmm(xb, Wf.transpose(1, 2)).view(U, B, G, K)
+            rows = target_rows[:, epoch, start : start + batch_size].reshape(-1)
+            targets = Tf.index_select(0, rows).view(U, B, G, K)
+            out = logits_buf if B == batch_size else torch.empty(U, B, G * K, device=device)
+            logits = torch.bmm(xb, Wf.transpose(1, 2), out=out).view(U, B, G, K)
             if has_gce and has_ce:
                 dz = torch.where(
                     gce_z,
                     logit_grad(logits, targets, "gce", q_z, dim=3),
                     logit_grad(logits, targets, "ce", 0.0, dim=3),
                 )
-            else:
-                dz = logit_grad(logits, targets, "gce" if has_gce else "ce", q_z, dim=3)
-            grad = torch.bmm(dz.view(U, B, G * K).transpose(1, 2), xb).view(U, G, K, D) / B + lam_w * W
-            momentum_buf.mul_(momentum_w).add_(grad)
+            elif has_gce:
+                dz = logit_grad(logits, targets, "gce", q_z, dim=3)
+            else:  # p − t, in place
+                dz = torch.softmax(logits, dim=3).sub_(targets)
+            # buffer ← momentum · buffer + (dzᵀ x / B + λ W);  W ← W − lr · buffer
+            if shared_momentum is None:
+                momentum_buf.mul_(momentum_w)
+            beta = 1.0 if shared_momentum is None else shared_momentum
+            buf_f.baddbmm_(dz.view(U, B, G * K).transpose(1, 2), xb, beta=beta, alpha=1.0 / B)
+            momentum_buf.addcmul_(W, lam_w)
             W.addcmul_(momentum_buf, neg_lr_w)
         lr *= lr_decay
         if Xe is not None:
