@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Regenerate every table and figure of the PHI-S and SD-PLL reproductions with one command.
 #
-#   ./reproduce.sh                          # mini: offline teachers, 2 seeds, every table, then the
-#                                           # statistics-matched sweep (3 seeds) and the SD-PLL study
+#   ./reproduce.sh                          # mini: offline teachers, 2 seeds, every table, and the SD-PLL study
+#   ./reproduce.sh --only phis_matched      # the method sweep on the statistics-matched teachers (3 seeds,
+#                                           # 36 jobs; on its own because it alone takes longer than the mini)
 #   ./reproduce.sh --profile smoke          # every table from tiny runs (a few minutes)
 #   ./reproduce.sh --profile paper --dry-run                  # compose every paper-scale job, run nothing
 #   ./reproduce.sh --profile paper --launcher slurm           # paper scale through hydra-submitit (SLURM)
@@ -12,8 +13,8 @@
 #          --only all|phis|phis_matched|sd
 #          --runs DIR (run outputs, default outputs/reproduce)   --results DIR (tables and figures;
 #          default experiments/results for mini, <runs>/<profile>/tables otherwise)
-#          --lanes N (local launcher: the seeds of the method sweep run as N multiruns side by side;
-#          default 2 for mini, else 1)
+#          --lanes N (local launcher: the method sweep runs as N multiruns side by side, the methods
+#          dealt among them, each on its share of the cores; default 2 for mini, else 1)
 # Sweep directories are deterministic (<runs>/<profile>/<experiment>/<method>/seed_<n>): running again
 # skips finished jobs, resumes interrupted ones from last.ckpt and retries failed ones.
 set -euo pipefail
@@ -110,17 +111,19 @@ phis_sweep() {  # $1: experiment; a failed job stops the sweep, so aggregate wha
 }
 
 phis_lanes() {  # $1: experiment, $2: seeds (a,b,...), $3: tables dir; the method sweep as LANES multiruns
-  # side by side, seeds dealt round-robin, then the tables
-  local exp="$1" out="$3" sweep="$RUNS/$PROFILE/$1" logs="$RUNS/$PROFILE/logs" seeds lane pids=() failed=0
-  IFS=, read -r -a seeds <<< "$2"
+  # side by side, the methods dealt round-robin (each lane runs every seed of its methods, so lanes get
+  # equal shares whatever the number of seeds), each lane on its share of the cores; then the tables
+  local exp="$1" out="$3" sweep="$RUNS/$PROFILE/$1" logs="$RUNS/$PROFILE/logs" methods lane pids=() failed=0
+  IFS=, read -r -a methods <<< "$METHODS"
+  local threads=$(( $(nproc) / LANES )); (( threads >= 1 )) || threads=1
   mkdir -p "$logs"
-  for (( lane = 0; lane < LANES && lane < ${#seeds[@]}; lane++ )); do
+  for (( lane = 0; lane < LANES && lane < ${#methods[@]}; lane++ )); do
     local mine=() i
-    for (( i = lane; i < ${#seeds[@]}; i += LANES )); do mine+=("${seeds[$i]}"); done
+    for (( i = lane; i < ${#methods[@]}; i += LANES )); do mine+=("${methods[$i]}"); done
     local list; list=$(IFS=,; echo "${mine[*]}")
-    stage "PHI-S: $exp lane $lane (seeds $list) -> $sweep, log $logs/${exp}_lane$lane.log"
-    "$PY" -m phis.train -m "experiment=$exp" "${COMMON[@]}" "seed=$list" "~hydra.callbacks.aggregate" \
-      > "$logs/${exp}_lane$lane.log" 2>&1 &
+    stage "PHI-S: $exp lane $lane (methods $list; seeds $2; $threads thread(s)) -> $sweep, log $logs/${exp}_lane$lane.log"
+    OMP_NUM_THREADS="${OMP_NUM_THREADS:-$threads}" "$PY" -m phis.train -m "experiment=$exp" "${COMMON[@]}" \
+      "method=$list" "seed=$2" "~hydra.callbacks.aggregate" > "$logs/${exp}_lane$lane.log" 2>&1 &
     pids+=($!)
   done
   for lane in "${!pids[@]}"; do
@@ -131,6 +134,9 @@ phis_lanes() {  # $1: experiment, $2: seeds (a,b,...), $3: tables dir; the metho
   if [[ $failed == 1 ]]; then echo "[reproduce] a job failed; rerun to retry it" >&2; exit 1; fi
 }
 
+# the method sweep's methods (conf/experiment/phis_methods.yaml; the matched sweep inherits them)
+METHODS=$(sed -n 's/^ *method: *//p' conf/experiment/phis_methods.yaml | head -1)
+[[ -n "$METHODS" ]] || die "no 'method:' sweep list in conf/experiment/phis_methods.yaml"
 profile_seeds=$(sed -n 's/^ *seed: *//p' "conf/profile/$PROFILE.yaml" | tail -1)
 if [[ "$ONLY" == all || "$ONLY" == phis ]]; then
   if [[ $LANES -gt 1 && "$LAUNCHER" == local ]]; then
@@ -146,9 +152,10 @@ if [[ "$ONLY" == all || "$ONLY" == phis ]]; then
   fi
 fi
 
-if [[ "$ONLY" == all && "$PROFILE" == mini || "$ONLY" == phis_matched ]]; then
+if [[ "$ONLY" == phis_matched ]]; then
   # The statistics-matched teacher set (conf/teachers/offline_matched.yaml): real offline taps mapped onto
-  # PHI-S Table 7's statistics, fitted on the offline photos: it belongs to the mini profile.
+  # PHI-S Table 7's statistics, fitted on the offline photos, at the mini profile's sizes. Its 36 jobs
+  # (12 methods x 3 seeds) take longer than the rest of the mini reproduction, so they run on request.
   [[ "$PROFILE" == mini ]] || die "--only phis_matched uses the offline teachers; run it with --profile mini"
   matched_out="$RESULTS/phis_matched"
   if [[ $LANES -gt 1 && "$LAUNCHER" == local ]]; then
