@@ -301,15 +301,17 @@ def fit_sgd_batched(
     buf_f = momentum_buf.view(U, G * K, D)
     W_best, best = W.clone(), torch.full((U, G), -1.0, dtype=torch.float64, device=device)
     logits_buf = torch.empty(U, batch_size, G * K, device=device)
+    xb_buf = torch.empty(U * batch_size, D, device=device)
     for epoch in range(epochs):
         neg_lr_w = per_probe(-lr, (U, G, 1, 1))
         for start in range(0, N, batch_size):
             idx = perms[:, epoch, start : start + batch_size]  # [U, B]
             B = idx.shape[1]
-            xb = Xt.index_select(0, idx.reshape(-1)).view(U, B, D)
+            full = B == batch_size  # full minibatches reuse their buffers (no allocation per step)
+            xb = torch.index_select(Xt, 0, idx.reshape(-1), out=xb_buf if full else None).view(U, B, D)
             rows = target_rows[:, epoch, start : start + batch_size].reshape(-1)
             targets = Tf.index_select(0, rows).view(U, B, G, K)
-            out = logits_buf if B == batch_size else torch.empty(U, B, G * K, device=device)
+            out = logits_buf if full else torch.empty(U, B, G * K, device=device)
             logits = torch.bmm(xb, Wf.transpose(1, 2), out=out).view(U, B, G, K)
             if has_gce and has_ce:
                 dz = torch.where(
