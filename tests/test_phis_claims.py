@@ -93,3 +93,14 @@ def test_claims_about_all_methods_need_all_methods() -> None:
 def test_single_seed_is_never_a_verdict() -> None:
     found, _ = claims(make_runs({"phi_s": 3.0, "mse": -3.0}, noise=0.0, seeds=1))
     assert found and all(c.verdict == "inconclusive" for c in found)
+
+
+def test_table5_claim_compares_phis_with_the_normalizations_not_plain_mse() -> None:
+    """Plain MSE's 'normalized' space is the teacher's own: its small range on a small teacher (the
+    paper's DFN CLIP row) does not count against PHI-S, which is compared with the best normalization."""
+    found, _ = claims(make_runs({"mse": 5.0, "phi_s": 3.0, "standardize": 2.0}, noise=0.05))
+    table5 = [c for c in found if c.claim.startswith("PHI-S has the smallest normalized")]
+    assert len(table5) == len(TEACHERS)
+    for c in table5:
+        assert c.verdict == "agree"
+        assert "(Standardize)" in c.measure and "MSE" not in c.measure
