@@ -116,13 +116,14 @@ phis_lanes() {  # $1: experiment, $2: seeds (a,b,...), $3: tables dir; the metho
   local exp="$1" out="$3" sweep="$RUNS/$PROFILE/$1" logs="$RUNS/$PROFILE/logs" methods lane pids=() failed=0
   IFS=, read -r -a methods <<< "$METHODS"
   local threads=$(( $(nproc) / LANES )); (( threads >= 1 )) || threads=1
+  threads="${OMP_NUM_THREADS:-$threads}"  # a caller's setting wins
   mkdir -p "$logs"
   for (( lane = 0; lane < LANES && lane < ${#methods[@]}; lane++ )); do
     local mine=() i
     for (( i = lane; i < ${#methods[@]}; i += LANES )); do mine+=("${methods[$i]}"); done
     local list; list=$(IFS=,; echo "${mine[*]}")
     stage "PHI-S: $exp lane $lane (methods $list; seeds $2; $threads thread(s)) -> $sweep, log $logs/${exp}_lane$lane.log"
-    OMP_NUM_THREADS="${OMP_NUM_THREADS:-$threads}" "$PY" -m phis.train -m "experiment=$exp" "${COMMON[@]}" \
+    OMP_NUM_THREADS="$threads" "$PY" -m phis.train -m "experiment=$exp" "${COMMON[@]}" \
       "method=$list" "seed=$2" "~hydra.callbacks.aggregate" > "$logs/${exp}_lane$lane.log" 2>&1 &
     pids+=($!)
   done

@@ -290,6 +290,7 @@ def fit_sgd_batched(
     # (The idle probes' learning rate is 0, so their momentum is any.)
     momenta = np.unique(momentum[used])
     shared_momentum = float(momenta[0]) if len(momenta) == 1 else None
+    beta = 1.0 if shared_momentum is None else shared_momentum  # the buffer's factor in baddbmm
     Xe, ye = None, None
     if X_eval is not None and len(y_eval) > 0:
         Xe, ye = torch.as_tensor(X_eval, dtype=torch.float32).to(device), torch.as_tensor(y_eval).to(device)
@@ -300,19 +301,15 @@ def fit_sgd_batched(
     momentum_buf = torch.zeros_like(W)
     buf_f = momentum_buf.view(U, G * K, D)
     W_best, best = W.clone(), torch.full((U, G), -1.0, dtype=torch.float64, device=device)
-    logits_buf = torch.empty(U, batch_size, G * K, device=device)
-    xb_buf = torch.empty(U * batch_size, D, device=device)
     for epoch in range(epochs):
         neg_lr_w = per_probe(-lr, (U, G, 1, 1))
         for start in range(0, N, batch_size):
             idx = perms[:, epoch, start : start + batch_size]  # [U, B]
             B = idx.shape[1]
-            full = B == batch_size  # full minibatches reuse their buffers (no allocation per step)
-            xb = torch.index_select(Xt, 0, idx.reshape(-1), out=xb_buf if full else None).view(U, B, D)
+            xb = Xt.index_select(0, idx.reshape(-1)).view(U, B, D)
             rows = target_rows[:, epoch, start : start + batch_size].reshape(-1)
             targets = Tf.index_select(0, rows).view(U, B, G, K)
-            out = logits_buf if full else torch.empty(U, B, G * K, device=device)
-            logits = torch.bmm(xb, Wf.transpose(1, 2), out=out).view(U, B, G, K)
+            logits = torch.bmm(xb, Wf.transpose(1, 2)).view(U, B, G, K)
             if has_gce and has_ce:
                 dz = torch.where(
                     gce_z,
@@ -326,7 +323,6 @@ def fit_sgd_batched(
             # buffer ← momentum · buffer + (dzᵀ x / B + λ W);  W ← W − lr · buffer
             if shared_momentum is None:
                 momentum_buf.mul_(momentum_w)
-            beta = 1.0 if shared_momentum is None else shared_momentum
             buf_f.baddbmm_(dz.view(U, B, G * K).transpose(1, 2), xb, beta=beta, alpha=1.0 / B)
             momentum_buf.addcmul_(W, lam_w)
             W.addcmul_(momentum_buf, neg_lr_w)
