@@ -60,8 +60,7 @@ def paired(a: Sequence[float], b: Sequence[float], better: str = "lower") -> tup
         p = float(stats.ttest_rel(a, b).pvalue)
     mean = float(d.mean())
     text = (
-        f"paired t-test over {len(d)} seeds: mean difference {mean:+.4g} (per seed {_join(d)}), "
-        f"p = {p:.3g}"
+        f"paired t-test over {len(d)} seeds: mean difference {mean:+.4g} (per seed {_join(d)}), p = {p:.3g}"
     )
     if p < ALPHA and sign * mean > 0:
         return "agree", text
@@ -120,6 +119,29 @@ def downstream_noise(grouped: Mapping[str, Sequence[Run]]) -> dict[str, tuple[fl
     return out
 
 
+def downstream_metric_noise(grouped: Mapping[str, Sequence[Run]]) -> list[str]:
+    """Per downstream metric: how far apart the methods' means are against the seed spread, and a one-way
+    ANOVA of its raw per-seed values over methods (which evaluation separates the methods)."""
+    from phis.ranks import metric_group
+
+    metrics = sorted(
+        {k for rs in grouped.values() for r in rs for k in r.metrics if metric_group(k) in DOWNSTREAM_GROUPS}
+    )
+    lines = []
+    for metric in metrics:
+        samples = [[r.metrics[metric] for r in rs if metric in r.metrics] for rs in grouped.values()]
+        if any(len(s) < 2 for s in samples):
+            continue
+        spread = float(np.mean([np.std(s, ddof=1) for s in samples]))
+        gap = float(np.ptp([np.mean(s) for s in samples]))
+        p = float(stats.f_oneway(*samples).pvalue) if spread > 0 else 0.0
+        lines.append(
+            f"{metric_group(metric)} metric `{metric}`: method means span {gap:.3g}, seed-to-seed std "
+            f"{spread:.3g} (mean over methods); one-way ANOVA over methods p = {p:.2g}"
+        )
+    return lines
+
+
 def average_rank(table: object, groups: Sequence[str]) -> dict[str, float]:
     """Mean over ``groups`` of each method's group rank in one rank table."""
     return {m: float(np.mean([table.value(m, g) for g in groups])) for m in table.methods}
@@ -162,6 +184,7 @@ def claims(runs: Sequence[Run]) -> tuple[list[Claim], list[str]]:
         for p, line in noise.values():
             kept = "kept" if p < ALPHA else "left out of the average: within seed noise (inconclusive)"
             notes.append(f"{line} → {kept}.")
+        notes += [f"{line}." for line in downstream_metric_noise(g10)]
         notes.append(f"Average ranks below use the groups {used} of {list(first.group_ranks)}.")
         avg = {s: average_rank(t, used) for s, t in tables.items()}
 
@@ -177,8 +200,7 @@ def claims(runs: Sequence[Run]) -> tuple[list[Claim], list[str]]:
                 Claim(
                     "The standardizations beat the whitenings (PHI-S Table 1)",
                     "per seed, mean average rank of {Global Stdze, Standardize, PHI-S} vs {PCA-W, ZCA, HCA}",
-                    f"standardizations {_ms(std_r)}, "
-                    f"whitenings {_ms(wht_r)}",
+                    f"standardizations {_ms(std_r)}, whitenings {_ms(wht_r)}",
                     test,
                     verdict,
                 )
@@ -227,8 +249,7 @@ def claims(runs: Sequence[Run]) -> tuple[list[Claim], list[str]]:
                     f"PHI-S has the smallest normalized error-variance range (PHI-S Table 5), teacher `{t}`",
                     f"max − min over channels of the error variance in normalized space, PHI-S vs the "
                     f"smallest other normalization ({LABELS.get(best_other)}); test on log ranges",
-                    f"PHI-S {_ms(phis_v)}, {LABELS.get(best_other)} "
-                    f"{_ms(other_v)}",
+                    f"PHI-S {_ms(phis_v)}, {LABELS.get(best_other)} {_ms(other_v)}",
                     test,
                     verdict,
                 )

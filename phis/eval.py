@@ -8,17 +8,20 @@ Metric names (``phis.ranks`` groups them by these): ``tmse/<teacher>`` (teacher-
 better) with ``tmse_explained/<teacher>`` = 1 − MSE / Var, ``knn/<set>``, ``zero_shot/<teacher>/<set>``
 (accuracy against labels), ``zero_shot_agreement/<teacher>/<set>`` (classifier-type teachers: the
 teacher's head on the student's predicted summary agrees with the teacher's own top-1),
-``seg/<set>`` / ``ade20k`` / ``voc`` (linear-probe mIoU), ``rankme/<set>``.
+``knn_spatial/<set>`` (the same kNN on the mean of the trunk's patch features instead of its summary
+token), ``seg/<set>`` / ``ade20k`` / ``voc`` (linear-probe mIoU), ``rankme/<set>``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +48,7 @@ from phis.metrics import (
     text_classifier,
     zero_shot_accuracy,
 )
-from phis.results import append_jsonl, markdown_table
+from phis.results import RESULTS_FILE, append_jsonl, atomic_write_json, is_finished, markdown_table, read_json
 
 # ----------------------------------------------------------------------------------------------------
 # Running the evaluation on a trained DistillModule
@@ -68,6 +71,9 @@ class EvalConfig:
     knn_k: int = 20
     knn_temperature: float = 0.07
     knn_limit: int | None = None  # cap on images per split of each kNN set (None: the whole set)
+    # also a kNN on the mean of the trunk's patch features (knn_spatial/<set>): the dense features the
+    # teachers' feature losses shape, which the summary token only sees through attention
+    knn_spatial: bool = False
     seg_sets: tuple[str, ...] = ("collage",)  # phis.evaldata.SEGMENTATION_SETS
     seg_limit: int | None = None  # cap on images per split of ade20k/voc (features are kept in memory)
     probe_epochs: int = 30
@@ -140,22 +146,29 @@ def _resolution(module: Any, ecfg: EvalConfig) -> int:
     return stage if stage > 0 else int(module.student.img_size)
 
 
+class _Embedded(NamedTuple):
+    summaries: Tensor  # [N, D] trunk summary tokens
+    targets: Tensor  # [N] labels or [N, H, W] masks
+    spatial: Tensor  # [n, D, h, w] patch features of the first ``spatial_limit`` items ([0] if none)
+    pooled: Tensor  # [N, D] the mean of each item's patch features
+
+
 @torch.no_grad()
-def _embed(
-    module: Any, data: Dataset, batch_size: int, spatial_limit: int = 0
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Trunk summaries [N, D], labels/masks, and spatial features of the first ``spatial_limit`` items."""
+def _embed(module: Any, data: Dataset, batch_size: int, spatial_limit: int = 0) -> _Embedded:
+    """Trunk summaries, labels/masks, pooled patch features, and the spatial features of the first
+    ``spatial_limit`` items."""
     dev = _device(module)
-    summaries, targets, spatial, kept = [], [], [], 0
+    summaries, targets, spatial, pooled, kept = [], [], [], [], 0
     for images, y in DataLoader(data, batch_size=batch_size):
         s, f = module.embed(images.to(dev))  # [B, D], [B, D, h, w]
         summaries.append(s.float().cpu())
+        pooled.append(f.float().mean((2, 3)).cpu())
         targets.append(torch.as_tensor(y))
         if kept < spatial_limit:
             spatial.append(f[: spatial_limit - kept].float().cpu())
             kept += len(spatial[-1])
     feats = torch.cat(spatial) if spatial else torch.empty(0)
-    return torch.cat(summaries), torch.cat(targets), feats
+    return _Embedded(torch.cat(summaries), torch.cat(targets), feats, torch.cat(pooled))
 
 
 @torch.no_grad()
@@ -301,13 +314,19 @@ def _classification_metrics(
     names = _class_names(ecfg) if set_name == "image_folder" else None
     train = classification_set(set_name, "train", size, root, ecfg.knn_limit, ecfg.seed, names)
     test = classification_set(set_name, "test", size, root, ecfg.knn_limit, ecfg.seed, names)
-    train_x, train_y, _ = _embed(module, train, ecfg.batch_size)
-    test_x, test_y, spatial = _embed(module, test, ecfg.batch_size, ecfg.rankme_images)
-    k = min(ecfg.knn_k, len(train_y))  # a capped small set may hold fewer than k samples
-    metrics[f"knn/{set_name}"] = knn_accuracy(train_x, train_y, test_x, test_y, k, ecfg.knn_temperature)
-    details[f"knn/{set_name}"] = {"k": k, "train": len(train_y), "test": len(test_y)}
-    if spatial.numel():
-        metrics[f"rankme/{set_name}"] = rankme(spatial)
+    tr = _embed(module, train, ecfg.batch_size)
+    te = _embed(module, test, ecfg.batch_size, ecfg.rankme_images)
+    k = min(ecfg.knn_k, len(tr.targets))  # a capped small set may hold fewer than k samples
+    sizes = {"k": k, "train": len(tr.targets), "test": len(te.targets)}
+    features = {"knn": (tr.summaries, te.summaries)}
+    if ecfg.knn_spatial:
+        features["knn_spatial"] = (tr.pooled, te.pooled)
+    for metric, (train_x, test_x) in features.items():
+        acc = knn_accuracy(train_x, tr.targets, test_x, te.targets, k, ecfg.knn_temperature)
+        metrics[f"{metric}/{set_name}"] = acc
+        details[f"{metric}/{set_name}"] = sizes
+    if te.spatial.numel():
+        metrics[f"rankme/{set_name}"] = rankme(te.spatial)
     for n in zs_names if ecfg.zero_shot else ():
         teacher = source(n)
         if getattr(teacher, "has_text", False) or hasattr(teacher, "classify_summary"):
@@ -322,14 +341,14 @@ def _segmentation_probe(module: Any, set_name: str, size: int, ecfg: EvalConfig)
     limit = ecfg.seg_limit if set_name != "collage" else None
     train = _capped(segmentation_set(set_name, "train", size, root, seed=ecfg.seed), limit)
     test = _capped(segmentation_set(set_name, "test", size, root, seed=ecfg.seed), limit)
-    _, train_m, train_f = _embed(module, train, ecfg.batch_size, len(train))
-    _, test_m, test_f = _embed(module, test, ecfg.batch_size, len(test))
+    tr = _embed(module, train, ecfg.batch_size, len(train))
+    te = _embed(module, test, ecfg.batch_size, len(test))
     num_classes = (train.dataset if isinstance(train, Subset) else train).num_classes
     return linear_probe_segmentation(
-        train_f,
-        train_m,
-        test_f,
-        test_m,
+        tr.spatial,
+        tr.targets,
+        te.spatial,
+        te.targets,
         num_classes,
         epochs=ecfg.probe_epochs,
         lr=ecfg.probe_lr,
@@ -441,43 +460,92 @@ def find_run_config(checkpoint: Path) -> Path | None:
     return None
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """``python -m phis.eval CHECKPOINT [--out DIR] [--config YAML] [--set key=value ...]``."""
+def _update_results(run_dir: Path, ecfg: EvalConfig, evaluate: Callable[..., dict[str, Any]]) -> dict | None:
+    """Re-evaluate a finished run into its ``results.json`` (``--update-results``); None if the run's
+    evaluation already used these settings. The held-out teacher MSE stays the one training measured."""
+    path = run_dir / RESULTS_FILE
+    results = read_json(path)
+    settings = json.loads(json.dumps(asdict(ecfg)))
+    if results.get("eval", {}).get("config") == settings:
+        return None
+    record = evaluate(measured=results["heldout"])
+    if "eval" in results:
+        results["eval_previous"] = results["eval"]
+    results["eval"] = record
+    atomic_write_json(path, results)
+    return record
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """``python -m phis.eval CHECKPOINT ... [--out DIR] [--config YAML] [--set key=value ...]
+    [--update-results]``; returns the records evaluated (runs skipped by ``--update-results`` have none)."""
     import argparse
 
     from omegaconf import OmegaConf
 
-    parser = argparse.ArgumentParser(description="Evaluate a distilled student checkpoint (phis.eval).")
-    parser.add_argument("checkpoint", type=Path)
+    parser = argparse.ArgumentParser(description="Evaluate distilled student checkpoints (phis.eval).")
+    parser.add_argument("checkpoint", type=Path, nargs="+")
     parser.add_argument("--out", type=Path, help="where eval.jsonl goes (default: the run directory)")
     parser.add_argument(
         "--config", type=Path, help="training config (default: the run's config_resolved.yaml)"
     )
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="EvalConfig overrides")
     parser.add_argument("--no-teachers", action="store_true", help="skip everything that needs teachers")
+    parser.add_argument(
+        "--update-results",
+        action="store_true",
+        help="write each evaluation into its run's results.json, where the tables read it (the previous "
+        "one is kept as eval_previous; the teacher MSE stays training's); runs whose evaluation already "
+        "used these settings are skipped, so an interrupted pass resumes",
+    )
     args = parser.parse_args(argv)
-    if not args.checkpoint.is_file():
-        parser.error(f"checkpoint {args.checkpoint} does not exist")
+    missing = [str(c) for c in args.checkpoint if not c.is_file()]
+    if missing:
+        parser.error(f"checkpoint(s) {missing} do not exist")
+    if args.update_results and (args.out or args.no_teachers):
+        parser.error(
+            "--update-results writes into each run's folder with its teachers: drop --out/--no-teachers"
+        )
+
+    unfinished = [str(c) for c in args.checkpoint if args.update_results and not is_finished(c.parent.parent)]
+    if unfinished:
+        parser.error(f"--update-results needs finished runs (results.json); these are not: {unfinished}")
 
     from phis.module import DistillModule
 
-    module = DistillModule.load_from_checkpoint(args.checkpoint, map_location="cpu")
-    config_path = args.config or find_run_config(args.checkpoint)
     overrides = OmegaConf.from_dotlist(list(args.set))
     if args.no_teachers:
         overrides.merge_with({"teacher_mse": False, "zero_shot": False})
-    cfg: Any = overrides
-    if config_path is not None and not args.no_teachers:
-        cfg = OmegaConf.load(config_path)
-        cfg.eval = OmegaConf.merge(cfg.get("eval") or {}, overrides)
-    elif config_path is None:
-        print(f"no config_resolved.yaml near {args.checkpoint}: no teachers or held-out set to rebuild")
-    record = evaluate_module(module, cfg, out_dir=args.out or args.checkpoint.parent.parent)
-    rows = [[k, f"{v:.4f}"] for k, v in sorted(record["metrics"].items())]
-    print(markdown_table(["metric", "value"], rows))
-    for what, why in record["skipped"].items():
-        print(f"skipped {what}: {why}")
-    return record
+    records = []
+    for i, checkpoint in enumerate(args.checkpoint, 1):
+        run_dir = checkpoint.parent.parent
+        config_path = args.config or find_run_config(checkpoint)
+        cfg: Any = overrides
+        if config_path is not None and not args.no_teachers:
+            cfg = OmegaConf.load(config_path)
+            cfg.eval = OmegaConf.merge(cfg.get("eval") or {}, overrides)
+        elif config_path is None:
+            print(f"no config_resolved.yaml near {checkpoint}: no teachers or held-out set to rebuild")
+        module = DistillModule.load_from_checkpoint(checkpoint, map_location="cpu")
+        evaluate = partial(evaluate_module, module, cfg, out_dir=args.out or run_dir)
+
+        start = time.perf_counter()
+        if args.update_results:
+            ecfg = EvalConfig.from_mapping(cfg.get("eval") if _is_train_config(cfg) else cfg)
+            record = _update_results(run_dir, ecfg, evaluate)
+        else:
+            record = evaluate()
+        where = f"[{i}/{len(args.checkpoint)}] {checkpoint}"
+        if record is None:
+            print(f"{where}: results.json already holds an evaluation with these settings; skipped")
+            continue
+        print(f"{where}: evaluated in {time.perf_counter() - start:.1f} s")
+        rows = [[k, f"{v:.4f}"] for k, v in sorted(record["metrics"].items())]
+        print(markdown_table(["metric", "value"], rows))
+        for what, why in record["skipped"].items():
+            print(f"skipped {what}: {why}")
+        records.append(record)
+    return records
 
 
 if __name__ == "__main__":

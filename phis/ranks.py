@@ -8,10 +8,10 @@ benchmarks) and P3D (Probe3D: depth, surface normals, multi-view, SPair-71k). A 
 run is left out, and the table says which groups and metrics were used.
 
 Metric names follow ``phis.eval``: ``tmse/<teacher>``; Cls: ``knn``, ``zero_shot`` (the paper's ImageNet
-numbers), ``knn/<set>``, ``zero_shot/<teacher>/<set>``, ``zero_shot_agreement/<teacher>/<set>``; Seg:
-``ade20k``, ``voc``, ``seg/<set>``; ``sam_coco``; ``llava/<benchmark>``; ``probe3d/<task>``. Other
-metrics (``rankme/*``, ``tmse_explained/*``, ``teacher_zero_shot/*`` …) are not ranked. Only ``tmse/*``
-is lower-is-better.
+numbers), ``knn/<set>``, ``knn_spatial/<set>``, ``zero_shot/<teacher>/<set>``,
+``zero_shot_agreement/<teacher>/<set>``; Seg: ``ade20k``, ``voc``, ``seg/<set>``; ``sam_coco``;
+``llava/<benchmark>``; ``probe3d/<task>``. Other metrics (``rankme/*``, ``tmse_explained/*``,
+``teacher_zero_shot/*`` …) are not ranked. Only ``tmse/*`` is lower-is-better.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ _EXACT = {"zero_shot": "Cls", "knn": "Cls", "ade20k": "Seg", "voc": "Seg", "sam_
 _PREFIX = {
     "tmse/": "TMSE",
     "knn/": "Cls",
+    "knn_spatial/": "Cls",
     "zero_shot/": "Cls",
     "zero_shot_agreement/": "Cls",
     "seg/": "Seg",

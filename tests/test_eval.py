@@ -632,12 +632,34 @@ class PixelStudent(nn.Module):
 
 def test_offline_sets_reward_a_student_that_sees_the_images() -> None:
     cfg = EvalConfig(image_size=32, knn_sets=("photos", "digits"), knn_limit=420, teacher_mse=False,
-                     zero_shot=False, probe_epochs=10, probe_lr=5e-2)  # fmt: skip
+                     zero_shot=False, probe_epochs=10, probe_lr=5e-2, knn_spatial=True)  # fmt: skip
     seeing = evaluate_module(PixelStudent(blind=False), cfg)["metrics"]
     blind = evaluate_module(PixelStudent(blind=True), cfg)["metrics"]
     assert seeing["knn/photos"] > 0.25 > 0.15 > blind["knn/photos"]  # 14 classes: chance 0.07
     assert seeing["knn/digits"] > 0.7 > 0.2 > blind["knn/digits"]  # 10 classes: chance 0.1
     assert seeing["seg/collage"] > blind["seg/collage"] + 0.08
+    # pooled patch features keep the photos' colour statistics (digits differ in shape, not in them)
+    assert seeing["knn_spatial/photos"] > 0.25 > 0.15 > blind["knn_spatial/photos"]
+
+
+def test_spatial_knn_is_the_knn_of_mean_pooled_patch_features() -> None:
+    from phis.evaldata import classification_set
+
+    student = PixelStudent(blind=False)
+    cfg = EvalConfig(image_size=32, knn_sets=("photos",), knn_limit=42, knn_spatial=True, knn_k=5,
+                     teacher_mse=False, zero_shot=False, seg_sets=(), rankme_images=0)  # fmt: skip
+    m = evaluate_module(student, cfg)["metrics"]
+    assert set(m) == {"knn/photos", "knn_spatial/photos"}
+    split = {s: classification_set("photos", s, 32, None, 42, 0, None) for s in ("train", "test")}
+    feats, labels = {}, {}
+    for s, data in split.items():
+        images = torch.stack([data[i][0] for i in range(len(data))])
+        labels[s] = torch.tensor([int(data[i][1]) for i in range(len(data))])
+        summary, spatial = student.embed(images)
+        feats[s] = (summary, spatial.double().mean((2, 3)).float())
+    for key, j in (("knn/photos", 0), ("knn_spatial/photos", 1)):
+        ref = knn_accuracy(feats["train"][j], labels["train"], feats["test"][j], labels["test"], 5, 0.07)
+        assert m[key] == pytest.approx(ref), key
 
 
 def test_cli_on_a_checkpoint(tmp_path, capsys) -> None:
@@ -652,7 +674,7 @@ def test_cli_on_a_checkpoint(tmp_path, capsys) -> None:
     state = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
              "pytorch-lightning_version": lightning.__version__}  # fmt: skip
     torch.save(state, ckpt)
-    rec = main([str(ckpt), "--set", "knn_sets=[photos]", "knn_limit=28", "seg_sets=[]"])
+    (rec,) = main([str(ckpt), "--set", "knn_sets=[photos]", "knn_limit=28", "seg_sets=[]"])
     assert "no config_resolved.yaml" in capsys.readouterr().out
     assert set(rec["metrics"]) == {"knn/photos", "rankme/photos"} and set(rec["skipped"]) == {
         "tmse",
@@ -673,6 +695,44 @@ def test_cli_on_a_checkpoint(tmp_path, capsys) -> None:
     assert (tmp_path / "elsewhere" / "eval.jsonl").is_file()
     with pytest.raises(SystemExit):
         main([str(tmp_path / "missing.ckpt")])
+
+
+def test_cli_updates_a_finished_runs_results(tmp_path, capsys) -> None:
+    """--update-results replaces results.json's eval block (keeping the old one), keeps training's held-out
+    teacher MSE, and skips a run already evaluated with the same settings."""
+    import lightning
+
+    from phis.eval import main
+    from phis.results import RESULTS_FILE, atomic_write_json, read_json, run_metrics
+
+    module = tiny_module()
+    runs = []
+    for name in ("a", "b"):
+        run = tmp_path / name
+        (run / "checkpoints").mkdir(parents=True)
+        state = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                 "pytorch-lightning_version": lightning.__version__}  # fmt: skip
+        torch.save(state, run / "checkpoints" / "last.ckpt")
+        runs.append(run)
+    heldout = {"val": {"sam": {"mse_teacher": 0.25, "explained": 0.5, "tokens": 9}}}
+    old_eval = {"metrics": {"knn/photos": 0.125}, "config": {"knn_limit": 128}}
+    atomic_write_json(runs[0] / RESULTS_FILE, {"status": "finished", "heldout": heldout, "eval": old_eval})
+    ckpts = [str(r / "checkpoints" / "last.ckpt") for r in runs]
+    settings = ["--set", "knn_sets=[photos]", "knn_limit=28", "knn_spatial=true", "seg_sets=[]",
+                "teacher_mse=true", "zero_shot=false"]  # fmt: skip
+    with pytest.raises(SystemExit):  # run b has no results.json: nothing is evaluated
+        main([*ckpts, "--update-results", *settings])
+    assert "needs finished runs" in capsys.readouterr().err
+    assert "eval_previous" not in read_json(runs[0] / RESULTS_FILE)
+    (rec,) = main([ckpts[0], "--update-results", *settings])
+    res = read_json(runs[0] / RESULTS_FILE)
+    assert res["eval_previous"] == old_eval and res["eval"]["metrics"] == rec["metrics"]
+    assert set(rec["metrics"]) == {"knn/photos", "knn_spatial/photos", "rankme/photos"}
+    assert rec["details"]["tmse"] == {"heldout": "val", "stored_in": "heldout.val"}
+    assert run_metrics(res)["tmse/sam"] == 0.25  # training's held-out teacher MSE, not re-measured
+    assert main([ckpts[0], "--update-results", *settings]) == []  # same settings: skipped
+    assert "skipped" in capsys.readouterr().out
+    assert read_json(runs[0] / RESULTS_FILE)["eval_previous"] == old_eval
 
 
 def test_evaluate_module_from_a_training_config(tmp_path) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.phis_claims import alpha_claim, claims, paired
+from experiments.phis_claims import alpha_claim, claims, downstream_metric_noise, paired
 from experiments.phis_runs import METHODS_10, Run
 
 TEACHERS = {"dfn_like": 1e-3, "sam_like": 30.0}  # held-out target variance
@@ -61,12 +61,30 @@ def test_claims_agree_when_the_sweep_separates_methods() -> None:
     assert any("['TMSE']" in n for n in notes)
 
 
+def test_downstream_metrics_are_tested_one_by_one() -> None:
+    """A metric that follows the method is found to separate the methods; a noise-only one is not."""
+    runs = make_runs({"phi_s": 3.0, "mse": -2.0}, noise=0.05)
+    for r in runs:
+        r.metrics["knn_spatial/photos"] = (
+            0.5 + 0.1 * {"phi_s": 3.0, "mse": -2.0}.get(r.method, 0.0) + (0.001 * r.seed)
+        )
+    grouped = {m: [r for r in runs if r.method == m] for m in METHODS_10}
+    lines = {line.split("`")[1]: line for line in downstream_metric_noise(grouped)}
+    assert set(lines) == {"knn/photos", "knn_spatial/photos"}  # tmse/* is not a downstream metric
+    p = {m: float(line.rsplit("p = ", 1)[1]) for m, line in lines.items()}
+    assert p["knn_spatial/photos"] < 1e-6 and p["knn/photos"] > 0.05
+    assert "span 0.5" in lines["knn_spatial/photos"]  # phi_s 0.8 vs mse 0.3
+
+
 def test_claims_are_inconclusive_within_noise_and_disagree_when_reversed() -> None:
     noisy = by_claim(claims(make_runs({"phi_s": 0.1}, noise=2.0))[0])
     assert noisy["PHI-S has the best average rank of the ten methods"] in ("inconclusive", "disagree")
     assert noisy["Plain MSE neglects the low-variance teacher"] == "inconclusive"
-    reversed_ = by_claim(claims(make_runs({"mse": 3.0, "pca_whiten": 2.0, "zca_whiten": 2.0,
-                                            "hadamard_whiten": 2.0}, noise=0.05))[0])
+    reversed_ = by_claim(
+        claims(
+            make_runs({"mse": 3.0, "pca_whiten": 2.0, "zca_whiten": 2.0, "hadamard_whiten": 2.0}, noise=0.05)
+        )[0]
+    )
     assert reversed_["Plain MSE neglects the low-variance teacher"] == "disagree"
     assert reversed_["The standardizations beat the whitenings"] == "disagree"
     assert reversed_["PHI-S has the best average rank of the ten methods"] == "disagree"
