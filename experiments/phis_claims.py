@@ -110,7 +110,8 @@ def downstream_noise(grouped: Mapping[str, Sequence[Run]]) -> dict[str, tuple[fl
         samples = [[t.value(m, group) for t in tables.values()] for m in grouped]
         spread = float(np.mean([np.std(s, ddof=1) for s in samples]))
         gap = float(np.ptp([np.mean(s) for s in samples]))
-        p = float(stats.f_oneway(*samples).pvalue) if spread > 0 else 0.0
+        # no seed spread at all: the methods are either perfectly apart (p = 0) or identical (p = 1)
+        p = float(stats.f_oneway(*samples).pvalue) if spread > 0 else float(gap == 0)
         out[group] = (
             p,
             f"{group}: mean rank spans {gap:.2f} over methods, seed-to-seed std of a method's rank "
@@ -134,7 +135,7 @@ def downstream_metric_noise(grouped: Mapping[str, Sequence[Run]]) -> list[str]:
             continue
         spread = float(np.mean([np.std(s, ddof=1) for s in samples]))
         gap = float(np.ptp([np.mean(s) for s in samples]))
-        p = float(stats.f_oneway(*samples).pvalue) if spread > 0 else 0.0
+        p = float(stats.f_oneway(*samples).pvalue) if spread > 0 else float(gap == 0)
         lines.append(
             f"{metric_group(metric)} metric `{metric}`: method means span {gap:.3g}, seed-to-seed std "
             f"{spread:.3g} (mean over methods); one-way ANOVA over methods p = {p:.2g}"

@@ -460,14 +460,17 @@ def find_run_config(checkpoint: Path) -> Path | None:
     return None
 
 
-def _update_results(run_dir: Path, ecfg: EvalConfig, evaluate: Callable[..., dict[str, Any]]) -> dict | None:
-    """Re-evaluate a finished run into its ``results.json`` (``--update-results``); None if the run's
-    evaluation already used these settings. The held-out teacher MSE stays the one training measured."""
+def _evaluated_with(run_dir: Path, ecfg: EvalConfig) -> bool:
+    """Whether the run's ``results.json`` already holds an evaluation with exactly these settings."""
+    stored = read_json(run_dir / RESULTS_FILE).get("eval") or {}
+    return stored.get("config") == json.loads(json.dumps(asdict(ecfg)))
+
+
+def _update_results(run_dir: Path, evaluate: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    """Re-evaluate a finished run into its ``results.json`` (``--update-results``), keeping the previous
+    evaluation as ``eval_previous``; the held-out teacher MSE stays the one training measured."""
     path = run_dir / RESULTS_FILE
     results = read_json(path)
-    settings = json.loads(json.dumps(asdict(ecfg)))
-    if results.get("eval", {}).get("config") == settings:
-        return None
     record = evaluate(measured=results["heldout"])
     if "eval" in results:
         results["eval_previous"] = results["eval"]
@@ -526,19 +529,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             cfg.eval = OmegaConf.merge(cfg.get("eval") or {}, overrides)
         elif config_path is None:
             print(f"no config_resolved.yaml near {checkpoint}: no teachers or held-out set to rebuild")
-        module = DistillModule.load_from_checkpoint(checkpoint, map_location="cpu")
-        evaluate = partial(evaluate_module, module, cfg, out_dir=args.out or run_dir)
-
-        start = time.perf_counter()
-        if args.update_results:
-            ecfg = EvalConfig.from_mapping(cfg.get("eval") if _is_train_config(cfg) else cfg)
-            record = _update_results(run_dir, ecfg, evaluate)
-        else:
-            record = evaluate()
         where = f"[{i}/{len(args.checkpoint)}] {checkpoint}"
-        if record is None:
+        ecfg = EvalConfig.from_mapping(cfg.get("eval") if _is_train_config(cfg) else cfg)
+        if args.update_results and _evaluated_with(run_dir, ecfg):
             print(f"{where}: results.json already holds an evaluation with these settings; skipped")
             continue
+        start = time.perf_counter()
+        module = DistillModule.load_from_checkpoint(checkpoint, map_location="cpu")
+        evaluate = partial(evaluate_module, module, cfg, out_dir=args.out or run_dir)
+        record = _update_results(run_dir, evaluate) if args.update_results else evaluate()
         print(f"{where}: evaluated in {time.perf_counter() - start:.1f} s")
         rows = [[k, f"{v:.4f}"] for k, v in sorted(record["metrics"].items())]
         print(markdown_table(["metric", "value"], rows))

@@ -68,11 +68,14 @@ def test_downstream_metrics_are_tested_one_by_one() -> None:
         r.metrics["knn_spatial/photos"] = (
             0.5 + 0.1 * {"phi_s": 3.0, "mse": -2.0}.get(r.method, 0.0) + (0.001 * r.seed)
         )
+        r.metrics["zero_shot_agreement/t/digits"] = 0.0  # the same for every run: separates nothing
     grouped = {m: [r for r in runs if r.method == m] for m in METHODS_10}
     lines = {line.split("`")[1]: line for line in downstream_metric_noise(grouped)}
-    assert set(lines) == {"knn/photos", "knn_spatial/photos"}  # tmse/* is not a downstream metric
+    # tmse/* is not a downstream metric
+    assert set(lines) == {"knn/photos", "knn_spatial/photos", "zero_shot_agreement/t/digits"}
     p = {m: float(line.rsplit("p = ", 1)[1]) for m, line in lines.items()}
     assert p["knn_spatial/photos"] < 1e-6 and p["knn/photos"] > 0.05
+    assert p["zero_shot_agreement/t/digits"] == 1.0
     assert "span 0.5" in lines["knn_spatial/photos"]  # phi_s 0.8 vs mse 0.3
 
 

@@ -190,7 +190,8 @@ def test_end_of_training_evaluation_measures_the_chosen_split(split: str, tmp_pa
     assert not any(k.startswith(("tmse", "err_var_range", "summary_cos")) for k in res["eval"]["metrics"])
     flat = run_metrics(res)
     ckpt, sets = tmp_path / "checkpoints" / "last.ckpt", ["knn_sets=[]", "seg_sets=[]", "zero_shot=false"]
-    again = eval_main([str(ckpt), "--out", str(tmp_path / "again"), "--set", f"heldout_split={split}", *sets])
+    again_dir = str(tmp_path / "again")
+    (again,) = eval_main([str(ckpt), "--out", again_dir, "--set", f"heldout_split={split}", *sets])
     assert again["details"]["tmse"] == {"heldout": split}
     for teacher, r in res["heldout"][split].items():
         assert flat[f"tmse/{teacher}"] == r["mse_teacher"]
