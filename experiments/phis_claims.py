@@ -29,6 +29,7 @@ from scipy import stats
 from experiments.phis_index import write_index
 from experiments.phis_runs import LABELS, METHODS_5, METHODS_10, Run, by_method, load_runs
 from experiments.phis_table_writers import seed_rank_tables
+from phis.ranks import metric_group
 from phis.results import atomic_write_text, format_mean_std
 
 ALPHA = 0.05
@@ -100,6 +101,16 @@ def low_variance_teacher(runs: Sequence[Run]) -> str:
     return min(per_teacher, key=lambda t: per_teacher[t]["variance"])
 
 
+def _separation(samples: Sequence[Sequence[float]]) -> tuple[float, float, float]:
+    """(gap, spread, p) of per-method samples: the span of the methods' means, the mean seed-to-seed std
+    and a one-way ANOVA over methods."""
+    spread = float(np.mean([np.std(s, ddof=1) for s in samples]))
+    gap = float(np.ptp([np.mean(s) for s in samples]))
+    # no seed spread at all: the methods are either perfectly apart (p = 0) or identical (p = 1)
+    p = float(stats.f_oneway(*samples).pvalue) if spread > 0 else float(gap == 0)
+    return gap, spread, p
+
+
 def downstream_noise(grouped: Mapping[str, Sequence[Run]]) -> dict[str, tuple[float, str]]:
     """Per downstream group: ANOVA p-value of its per-seed rank over methods and a one-line summary."""
     tables = seed_rank_tables(grouped)
@@ -107,11 +118,7 @@ def downstream_noise(grouped: Mapping[str, Sequence[Run]]) -> dict[str, tuple[fl
     for group in DOWNSTREAM_GROUPS:
         if len(tables) < 2 or any(group not in t.group_ranks for t in tables.values()):
             continue
-        samples = [[t.value(m, group) for t in tables.values()] for m in grouped]
-        spread = float(np.mean([np.std(s, ddof=1) for s in samples]))
-        gap = float(np.ptp([np.mean(s) for s in samples]))
-        # no seed spread at all: the methods are either perfectly apart (p = 0) or identical (p = 1)
-        p = float(stats.f_oneway(*samples).pvalue) if spread > 0 else float(gap == 0)
+        gap, spread, p = _separation([[t.value(m, group) for t in tables.values()] for m in grouped])
         out[group] = (
             p,
             f"{group}: mean rank spans {gap:.2f} over methods, seed-to-seed std of a method's rank "
@@ -123,8 +130,6 @@ def downstream_noise(grouped: Mapping[str, Sequence[Run]]) -> dict[str, tuple[fl
 def downstream_metric_noise(grouped: Mapping[str, Sequence[Run]]) -> list[str]:
     """Per downstream metric: how far apart the methods' means are against the seed spread, and a one-way
     ANOVA of its raw per-seed values over methods (which evaluation separates the methods)."""
-    from phis.ranks import metric_group
-
     metrics = sorted(
         {k for rs in grouped.values() for r in rs for k in r.metrics if metric_group(k) in DOWNSTREAM_GROUPS}
     )
@@ -133,9 +138,7 @@ def downstream_metric_noise(grouped: Mapping[str, Sequence[Run]]) -> list[str]:
         samples = [[r.metrics[metric] for r in rs if metric in r.metrics] for rs in grouped.values()]
         if any(len(s) < 2 for s in samples):
             continue
-        spread = float(np.mean([np.std(s, ddof=1) for s in samples]))
-        gap = float(np.ptp([np.mean(s) for s in samples]))
-        p = float(stats.f_oneway(*samples).pvalue) if spread > 0 else float(gap == 0)
+        gap, spread, p = _separation(samples)
         lines.append(
             f"{metric_group(metric)} metric `{metric}`: method means span {gap:.3g}, seed-to-seed std "
             f"{spread:.3g} (mean over methods); one-way ANOVA over methods p = {p:.2g}"
