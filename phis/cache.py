@@ -22,7 +22,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -57,23 +57,47 @@ def cache_key(
 
 
 @contextlib.contextmanager
-def _entry_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock on ``path`` (blocks until free); a no-op where flock is unavailable."""
+def _entry_lock(path: Path, wait: bool = True) -> Iterator[bool]:
+    """Exclusive advisory lock on ``path``; yields whether this process holds it. ``wait=False`` does not
+    block: it yields False while another process (or open file) holds the lock. Where flock is
+    unavailable the lock is a no-op that yields True."""
     try:
         import fcntl
     except ImportError:  # not POSIX
-        yield
+        yield True
         return
     with open(path, "a") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX)
+            fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # held elsewhere and wait=False
+            yield False
+            return
         except OSError:  # e.g. a file system without locks
-            yield
+            yield True
             return
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_all(
+    entries: Sequence[tuple[TeacherCache, Callable[[], Any]]], batch_size: int = 64, num_workers: int = 0
+) -> None:
+    """``ensure`` every (cache, make_teacher) entry, sharing the work with jobs started alongside.
+
+    Entries another job is building are skipped while free ones remain, so side-by-side jobs (parallel
+    lanes, array jobs) build different entries at once instead of queueing on the same lock; when only
+    entries held elsewhere are left, this job waits for the first of them and then looks again.
+    """
+    pending = list(entries)
+    while pending:
+        left = [(c, mk) for c, mk in pending if not c.ensure(mk, batch_size, num_workers, wait=False).ready]
+        if left and len(left) == len(pending):
+            cache, make = left.pop(0)
+            log.info("teacher cache %s is being built by another job; waiting for it", cache.path)
+            cache.ensure(make, batch_size, num_workers)
+        pending = left
 
 
 class TeacherCache:
@@ -109,18 +133,21 @@ class TeacherCache:
         return (self.path / "meta.json").is_file()
 
     def ensure(
-        self, make_teacher: Callable[[], Any], batch_size: int = 64, num_workers: int = 0
+        self, make_teacher: Callable[[], Any], batch_size: int = 64, num_workers: int = 0, wait: bool = True
     ) -> TeacherCache:
         """Build the entry unless it exists; ``make_teacher`` is only called when a build is needed.
 
         Jobs started side by side (parallel lanes, array jobs) take an advisory lock per entry, so one
-        builds while the others wait and then read it. Where locks are not supported the builds race
+        builds while the others wait and then read it (``wait=False``: return at once, not ready, while
+        another job holds the lock; see ``ensure_all``). Where locks are not supported the builds race
         harmlessly: each writes its own temporary directory and the first rename wins.
         """
         if not self.ready:
             locks = self.root / ".locks"
             locks.mkdir(parents=True, exist_ok=True)
-            with _entry_lock(locks / self.path.name):
+            with _entry_lock(locks / self.path.name, wait=wait) as held:
+                if not held:
+                    return self
                 if not self.ready:
                     self.build(make_teacher(), batch_size=batch_size, num_workers=num_workers)
                     return self

@@ -33,7 +33,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset, default_collate
 
-from phis.cache import TeacherCache
+from phis.cache import TeacherCache, ensure_all
 from phis.images import IMAGE_EXTENSIONS, is_image
 from phis.stages import StagePlan, per_rank_batch, rank_batches
 
@@ -573,9 +573,12 @@ class DistillDataModule(pl.LightningDataModule):
         """Build every missing cache entry (building teachers only for those); runs once."""
         if self._prepared:
             return
-        for split in [*self.caches.values(), *self.size_caches.values()]:
-            for name, cache in split.items():
-                cache.ensure(lambda n=name: self.teacher(n), self.cache_batch_size, self.num_workers)
+        entries = [
+            (cache, lambda n=name: self.teacher(n))
+            for split in [*self.caches.values(), *self.size_caches.values()]
+            for name, cache in split.items()
+        ]
+        ensure_all(entries, self.cache_batch_size, self.num_workers)
         if self.cache_enabled:  # with every output cached, the teacher models are no longer needed
             self._teachers.clear()
         self._prepared = True

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from phis.build import build_datamodule, teacher_set
+from phis.cache import ensure_all
 from phis.config import plain
 from phis.evaldata import (
     CLASSIFICATION_SETS,
@@ -213,8 +214,8 @@ def _heldout_loader(
     ``limit`` images if given) with cached teacher targets."""
     dm = build_datamodule(train_cfg)
     split = _resolve_split(split, dm.sets)
-    for name, cache in dm.caches.get(split, {}).items():
-        cache.ensure(lambda n=name: teachers(n), dm.cache_batch_size, dm.num_workers)  # built only if missing
+    entries = [(cache, lambda n=name: teachers(n)) for name, cache in dm.caches.get(split, {}).items()]
+    ensure_all(entries, dm.cache_batch_size, dm.num_workers)  # built only if missing
     return split, DataLoader(dm.dataset(split, limit), batch_size=batch_size)
 
 

@@ -143,3 +143,52 @@ def test_jobs_started_together_build_an_entry_once(tmp_path, pool) -> None:
         t.join(timeout=60)
     assert len(built) == 1 and TeacherCache(tmp_path, "t", {"family": "stand-in"}, pool).ready
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
+
+
+def test_ensure_without_waiting_leaves_an_entry_held_elsewhere(tmp_path, pool) -> None:
+    """wait=False returns at once, unbuilt, while another holder has the entry's lock; later it builds."""
+    from phis.cache import _entry_lock
+
+    cache = TeacherCache(tmp_path, "t", {"family": "stand-in"}, pool)
+    made = []
+
+    def make() -> OffsetTeacher:
+        made.append(1)
+        return OffsetTeacher()
+
+    (tmp_path / ".locks").mkdir()
+    with _entry_lock(tmp_path / ".locks" / cache.path.name) as held:
+        assert held
+        assert not cache.ensure(make, batch_size=4, wait=False).ready and made == []
+    assert cache.ensure(make, batch_size=4, wait=False).ready and made == [1]
+
+
+def test_side_by_side_jobs_build_free_entries_before_waiting(tmp_path, pool) -> None:
+    """ensure_all skips an entry another job is building, builds the free one, then waits for the first:
+    here the 'other job' releases entry a only once b exists, so waiting on a first would stall."""
+    import threading
+    import time
+
+    from phis.cache import _entry_lock, ensure_all
+
+    a = TeacherCache(tmp_path, "a", {"family": "stand-in"}, pool)
+    b = TeacherCache(tmp_path, "b", {"family": "stand-in"}, pool)
+    (tmp_path / ".locks").mkdir()
+    order, locked = [], threading.Event()
+
+    def other_job() -> None:
+        with _entry_lock(tmp_path / ".locks" / a.path.name):
+            locked.set()
+            deadline = time.monotonic() + 20
+            while not b.ready and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    def maker(name: str):
+        return lambda: order.append(name) or OffsetTeacher()
+
+    holder = threading.Thread(target=other_job)
+    holder.start()
+    locked.wait(10)
+    ensure_all([(a, maker("a")), (b, maker("b"))], batch_size=4)
+    holder.join(30)
+    assert order == ["b", "a"] and a.ready and b.ready
