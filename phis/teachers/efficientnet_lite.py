@@ -105,12 +105,15 @@ class EfficientNetLiteTeacher(Teacher):
             self.model.load_state_dict(rename_state_dict(state, self.model), strict=True)
         stage = len(self.model.blocks) - 1 if feature_tap in HEAD_TAPS else int(feature_tap[-1])
         self.patch_size = _stage_stride(self.model, stage)
+        # Channels-last convolutions: the depthwise ones run 1.5-1.9x faster on CPU this way (measured on
+        # 2 cores, Lite0 at 224 px and Lite2 at 260 px); outputs equal NCHW's up to float round-off.
+        self.model.to(memory_format=torch.channels_last)
         self._freeze()
         self._probe()
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         m = self.model
-        x = m.bn1(m.conv_stem(x))
+        x = m.bn1(m.conv_stem(x.contiguous(memory_format=torch.channels_last)))
         tap = None
         for i, stage in enumerate(m.blocks):
             x = stage(x)
