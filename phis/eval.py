@@ -86,6 +86,7 @@ class EvalConfig:
     heldout_split: str = "auto"
     heldout_images: int = 64  # OfflineImagePool("test") images when only teachers are given
     heldout_limit: int | None = None  # cap on the held-out images of the teacher MSE (None: the whole split)
+    train_fit_limit: int | None = None  # training images of train_fit, a diagnostic (None: heldout_limit's)
     zero_shot: bool = True
     zero_shot_images: int | None = 256  # evenly spaced test images per set (teachers run on each)
     templates: tuple[str, ...] = (DEFAULT_TEMPLATE,)
@@ -462,9 +463,13 @@ def find_run_config(checkpoint: Path) -> Path | None:
 
 
 def _evaluated_with(run_dir: Path, ecfg: EvalConfig) -> bool:
-    """Whether the run's ``results.json`` already holds an evaluation with exactly these settings."""
-    stored = read_json(run_dir / RESULTS_FILE).get("eval") or {}
-    return stored.get("config") == json.loads(json.dumps(asdict(ecfg)))
+    """Whether the run's ``results.json`` already holds an evaluation with exactly these settings (a setting
+    added to ``EvalConfig`` after that evaluation counts as unchanged while it has its default value)."""
+    stored = (read_json(run_dir / RESULTS_FILE).get("eval") or {}).get("config")
+    if not isinstance(stored, dict):
+        return False
+    now, defaults = (json.loads(json.dumps(asdict(c))) for c in (ecfg, EvalConfig()))
+    return set(stored) <= set(now) and all(stored.get(k, defaults[k]) == v for k, v in now.items())
 
 
 def _update_results(run_dir: Path, evaluate: Callable[..., dict[str, Any]]) -> dict[str, Any]:

@@ -321,7 +321,8 @@ def report(cfg: DictConfig, fitted: FitOutcome) -> dict[str, Any]:
     }
     # The same numbers on the training crops: far above the held-out ones means overfitting, close to
     # them and low means the student is still underfitting (train longer or wider).
-    fit_loader = dm.heldout_dataloader("train", limit, **ranks)
+    fit_limit = cfg.eval.get("train_fit_limit") or limit
+    fit_loader = dm.heldout_dataloader("train", fit_limit, **ranks)
     train_fit = module.heldout_metrics(fit_loader, distributed=trainer.world_size > 1)
     if not trainer.is_global_zero:
         return {}

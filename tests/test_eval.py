@@ -1,5 +1,6 @@
 """Evaluation metrics against brute-force / closed-form references, and hostile inputs."""
 
+import dataclasses
 import json
 import math
 
@@ -831,3 +832,19 @@ def test_imagenet_class_names_and_prompt_ensembles(tmp_path) -> None:
         _write_image(tmp_path / "train" / cls / "0.jpg")
     with pytest.raises(ValueError, match="1000 class names given for 2 class folders"):
         classification_set("image_folder", "train", 8, str(tmp_path), None, 0, _class_names(imagenet))
+
+
+def test_a_setting_added_later_at_its_default_keeps_a_run_evaluated(tmp_path) -> None:
+    """--update-results skips a run evaluated before a setting existed, unless the setting is changed."""
+    from phis.eval import _evaluated_with
+
+    older = dataclasses.asdict(EvalConfig())
+    older.pop("train_fit_limit")  # as written before that setting existed
+    (tmp_path / "results.json").write_text(json.dumps({"eval": {"config": older}}))
+    assert _evaluated_with(tmp_path, EvalConfig())
+    assert not _evaluated_with(tmp_path, EvalConfig(train_fit_limit=256))
+    assert not _evaluated_with(tmp_path, EvalConfig(knn_k=5))
+    (tmp_path / "results.json").write_text(json.dumps({"eval": {"config": {**older, "gone": 1}}}))
+    assert not _evaluated_with(tmp_path, EvalConfig())
+    (tmp_path / "results.json").write_text(json.dumps({"status": "finished"}))
+    assert not _evaluated_with(tmp_path, EvalConfig())
