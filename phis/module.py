@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -71,6 +72,15 @@ def resample_grid(y: Tensor, size: tuple[int, int], mode: str = "bilinear") -> T
     return out.permute(0, 2, 3, 1)
 
 
+@dataclasses.dataclass
+class _TargetMemo:
+    """Normalized cached targets of one teacher: ``values[i]`` is valid where ``filled[i]``, for ``key``."""
+
+    key: tuple
+    values: Tensor  # [N, tokens, C]
+    filled: Tensor  # [N] bool, on the CPU
+
+
 class DistillModule(pl.LightningModule):
     """Multi-teacher feature distillation (AM-RADIO) with configurable normalization (PHI-S)."""
 
@@ -90,6 +100,7 @@ class DistillModule(pl.LightningModule):
         self.save_hyperparameters()
         d = dict(distill)
         d.setdefault("partitions", "shared")
+        d.setdefault("target_memo_mb", 0)  # checkpoints from before the memo existed
         check_choice("distill.partitions", d["partitions"], PARTITIONS)
         check_choice("distill.normalizer_fit", d["normalizer_fit"], NORMALIZER_FITS)
         check_choice("distill.resample_to", d["resample_to"], RESAMPLE_TO)
@@ -141,6 +152,7 @@ class DistillModule(pl.LightningModule):
         # The stage whose bookkeeping (statistics reset, cache fit) has been done; -1: none yet.
         self.register_buffer("stage_index", torch.tensor(-1, dtype=torch.int64))
         self._teachers: dict[str, nn.Module] = {}
+        self._memo: dict[str, _TargetMemo | None] = {}  # normalized cached targets, see _normalized_targets
 
     # ------------------------------------------------------------------ targets and losses
 
@@ -200,13 +212,15 @@ class DistillModule(pl.LightningModule):
         teacher_space: bool = True,
         rows: Mapping[str, slice] | None = None,
         tag: str = "",
+        index: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss over the teachers in ``targets`` and per-teacher logs (normalized-space loss and MSE,
         summary cosine loss, and with ``teacher_space`` the teacher-space MSE, which costs a [C, C] product
         per token). ``rows[n]``: the rows of the student output that teacher n's targets belong to (its
         partition). ``tag`` names a separate term of the same teacher (``hires_``: its own AdaLoss and
         log keys). With a training ``step`` (counted from the stage's start) the normalizers' estimation
-        schedule sees the targets (None: evaluation, no update)."""
+        schedule sees the targets (None: evaluation, no update). ``index``: the training-set indices of
+        the batch's cached targets, which lets their normalized values be kept (``_normalized_targets``)."""
         d = self.distill_cfg
         total = torch.zeros((), device=self.device)
         logs: dict[str, Tensor] = {}
@@ -216,7 +230,7 @@ class DistillModule(pl.LightningModule):
             pred, y = self._align(out.features[n][r], out.grid, feats_t)
             if step is not None:
                 norm.step(y, step)
-            x = norm(y)
+            x = norm(y) if index is None else self._normalized_targets(n, y, index[r])
             feat_loss = self.feature_loss(pred, x)
             term = d["feature_weight"] * (
                 self.adaloss[f"{n}_{tag}features"](feat_loss) if self.adaloss else feat_loss
@@ -235,6 +249,50 @@ class DistillModule(pl.LightningModule):
             total = total + term
         logs["loss"] = total.detach()
         return total, logs
+
+    def _memo_capacity(self, stage: int) -> int:
+        """Training-set size of stage ``stage`` whose normalized targets may be kept; 0: keep none.
+
+        Only when the normalizers are fitted once per stage from the teacher cache (then a cached
+        sample's normalized target cannot change within the stage) and a trainer's data module
+        says how large the stage's training set is."""
+        if self.distill_cfg["normalizer_fit"] != "cache" or not self.distill_cfg["target_memo_mb"]:
+            return 0
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        caches = dm.stage_caches(stage) if dm is not None and getattr(dm, "cache_enabled", False) else {}
+        return len(next(iter(caches.values()))) if caches else 0
+
+    @torch.no_grad()
+    def _normalized_targets(self, name: str, y: Tensor, index: Tensor) -> Tensor:
+        """``normalizers[name](y)`` for the cached targets of training samples ``index``, each computed
+        once per stage and then read back (for a dense transform the [C, C] product per token is
+        about a fifth of a CPU training step's work otherwise).
+
+        Kept per teacher in a [N, tokens, C] float32 store while it fits ``distill.target_memo_mb``,
+        for dense (non-diagonal) transforms only. The store is dropped whenever the transform or its
+        mean change (``_version`` of the buffers: a refit, a reset, a loaded checkpoint) or the stage
+        or the target grid does. The values equal ``norm(y)`` of the batch that first held the sample
+        (up to the matmul's round-off across batch compositions).
+        """
+        norm = self.normalizers[name]
+        if norm.diagonal or not norm.uses_statistics:
+            return norm(y)
+        stage = int(self.stage_index)
+        key = (stage, norm.weight._version, norm.mu._version, tuple(y.shape[1:]), y.device, y.dtype)
+        memo = self._memo.get(name)
+        if memo is None or memo.key != key:
+            size = self._memo_capacity(stage)
+            if size * y[0].numel() * 4 > self.distill_cfg["target_memo_mb"] * 2**20:
+                return norm(y)
+            memo = _TargetMemo(key, y.new_empty((size, *y.shape[1:])), torch.zeros(size, dtype=torch.bool))
+            self._memo[name] = memo
+        index = index.cpu()
+        if bool(memo.filled[index].all()):
+            return memo.values[index.to(y.device)]
+        x = norm(y)
+        memo.values[index.to(y.device)] = x
+        memo.filled[index] = True
+        return x
 
     @property
     def stage_resolution(self) -> int:
@@ -301,7 +359,8 @@ class DistillModule(pl.LightningModule):
         # Teacher-space errors are only computed on the steps the trainer logs.
         every = self.trainer.log_every_n_steps if self._trainer is not None else 1
         logged = (step + 1) % every == 0
-        loss, logs = self._terms(out, targets, local, teacher_space=logged, rows=rows)
+        samples = batch.get("index") if "targets" in batch and self._memo_capacity(index) else None
+        loss, logs = self._terms(out, targets, local, teacher_space=logged, rows=rows, index=samples)
         if stage.hires is not None:
             if "hires" not in batch:
                 raise ValueError(

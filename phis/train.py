@@ -267,6 +267,9 @@ def fit(cfg: DictConfig, callbacks: Sequence[Callback], mirror: JobMirror) -> Fi
     dm = build_datamodule(cfg)
     specs = dm.teacher_specs()
     cache_s = time.perf_counter() - start
+    # Teachers built for missing cache entries draw from the global generators; seed again so that the
+    # student's initialization (and all that follows) does not depend on whether the cache existed.
+    pl.seed_everything(cfg.seed, workers=True)
     module = build_module(cfg, specs)
     if resume is not None:
         check_resume(resume, module)

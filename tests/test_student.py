@@ -205,3 +205,39 @@ def test_a_loop_without_a_trainer_drives_the_estimation_schedule_by_its_own_step
         refitted.append(not torch.equal(before, norm.mu))
     assert int(norm.stats.count) == 3 * 4 * 4  # 3 estimation steps x 4 images x 4 tokens
     assert bool(norm._frozen) and refitted == [True, False, True, False, False, False]
+
+
+def test_normalized_targets_are_kept_per_sample_until_the_transform_changes(monkeypatch) -> None:
+    """_normalized_targets: computed once per training sample, read back afterwards, recomputed after
+    any change of the transform; not kept over the memory budget or for diagonal transforms."""
+    g = torch.Generator().manual_seed(0)
+    module = _module("phi_s", 2, target_memo_mb=1)
+    monkeypatch.setattr(module, "_memo_capacity", lambda stage: 8)
+    norm = module.normalizers["clip"]
+    norm.update(torch.randn(64, 20, generator=g) * 3 + 5)
+    norm.fit()
+    y, idx = torch.randn(4, 5, 20, generator=g), torch.tensor([1, 6, 3, 0])
+    first = module._normalized_targets("clip", y, idx)
+    torch.testing.assert_close(first, norm(y), rtol=0, atol=0)
+    # the same samples again (other values on purpose): their stored targets come back, in this order
+    again = module._normalized_targets("clip", torch.zeros_like(y), idx.flip(0))
+    torch.testing.assert_close(again, first.flip(0), rtol=0, atol=0)
+    # a sample not seen yet: the batch is normalized afresh
+    fresh = torch.randn(2, 5, 20, generator=g)
+    torch.testing.assert_close(module._normalized_targets("clip", fresh, torch.tensor([1, 7])), norm(fresh))
+    # a refit (or any in-place change of the transform) drops what was kept
+    norm.weight.mul_(2.0)
+    torch.testing.assert_close(module._normalized_targets("clip", y, idx), norm(y))
+    # over the budget (8 samples x 100 values x 4 bytes > 0 MB) nothing is kept
+    module.distill_cfg["target_memo_mb"] = 0
+    module._memo.clear()
+    module._normalized_targets("clip", y, idx)
+    torch.testing.assert_close(module._normalized_targets("clip", torch.zeros_like(y), idx), norm(y * 0))
+    assert module._memo == {}
+    # diagonal transforms are cheap: never kept
+    diag = _module("standardize", 2, target_memo_mb=1)
+    monkeypatch.setattr(diag, "_memo_capacity", lambda stage: 8)
+    diag.normalizers["clip"].update(torch.randn(64, 20, generator=g) + 2)
+    diag.normalizers["clip"].fit()
+    diag._normalized_targets("clip", y, idx)
+    assert diag._memo == {}

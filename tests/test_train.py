@@ -392,3 +392,41 @@ def test_pretrained_student_is_loaded_when_a_run_starts_never_on_resume(tmp_path
     weights.unlink()
     resumed = train(make_cfg(out, cache_dir, "trainer.max_steps=8", *overrides))
     assert resumed["resumed_from"].endswith("last.ckpt") and resumed["steps"] == 8
+
+
+def test_kept_normalized_targets_train_like_recomputed_ones(tmp_path, cache_dir, monkeypatch) -> None:
+    """distill.target_memo_mb: from the second epoch the dense normalizers are not run on cached
+    targets again, and training ends where recomputing them every step ends (up to round-off)."""
+    from phis.normalizers import Normalizer
+
+    calls, forward = [], Normalizer.forward
+
+    def counted(self, y):
+        calls.append(len(y))
+        return forward(self, y)
+
+    monkeypatch.setattr(Normalizer, "forward", counted)
+    train(make_cfg(tmp_path / "warm", cache_dir, "method=phi_s"))  # builds the teacher cache if missing
+    counts, states = {}, {}
+    for memo in (0, 64):
+        calls.clear()
+        out = tmp_path / f"memo{memo}"
+        train(make_cfg(out, cache_dir, "method=phi_s", f"distill.target_memo_mb={memo}"))
+        counts[memo], states[memo] = len(calls), final_state(out)
+    # 8 steps over 64 images in batches of 16: the second epoch's 4 steps x 4 teachers read them back
+    assert counts[0] - counts[64] == 16
+    for k, v in states[0].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(states[64][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_a_run_that_builds_the_teacher_cache_trains_like_one_that_reads_it(tmp_path) -> None:
+    """Building a missing cache entry makes teachers (random draws of their own); the student's
+    initialization and training must not depend on whether the cache existed."""
+    cold, hot = tmp_path / "cold", tmp_path / "hot"
+    train(make_cfg(cold, tmp_path / "cache", "method=mse"))  # builds every entry
+    train(make_cfg(hot, tmp_path / "cache", "method=mse"))  # reads them
+    a, b = final_state(cold), final_state(hot)
+    assert a.keys() == b.keys()
+    for k in a:  # bit for bit (fit_summary of an identity normalizer is NaN)
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, equal_nan=True, msg=k)
