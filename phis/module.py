@@ -269,16 +269,17 @@ class DistillModule(pl.LightningModule):
         about a fifth of a CPU training step's work otherwise).
 
         Kept per teacher in a [N, tokens, C] float32 store while it fits ``distill.target_memo_mb``,
-        for dense (non-diagonal) transforms only. The store is dropped whenever the transform or its
+        for dense (non-diagonal) transforms of targets on the CPU only (on an accelerator the product is
+        cheap and its memory better spent on the model). The store is dropped whenever the transform or its
         mean change (``_version`` of the buffers: a refit, a reset, a loaded checkpoint) or the stage
         or the target grid does. The values equal ``norm(y)`` of the batch that first held the sample
         (up to the matmul's round-off across batch compositions).
         """
         norm = self.normalizers[name]
-        if norm.diagonal or not norm.uses_statistics:
+        if norm.diagonal or not norm.uses_statistics or y.device.type != "cpu":
             return norm(y)
         stage = int(self.stage_index)
-        key = (stage, norm.weight._version, norm.mu._version, tuple(y.shape[1:]), y.device, y.dtype)
+        key = (stage, norm.weight._version, norm.mu._version, tuple(y.shape[1:]), y.dtype)
         memo = self._memo.get(name)
         if memo is None or memo.key != key:
             size = self._memo_capacity(stage)
@@ -288,9 +289,9 @@ class DistillModule(pl.LightningModule):
             self._memo[name] = memo
         index = index.cpu()
         if bool(memo.filled[index].all()):
-            return memo.values[index.to(y.device)]
+            return memo.values[index]
         x = norm(y)
-        memo.values[index.to(y.device)] = x
+        memo.values[index] = x
         memo.filled[index] = True
         return x
 
