@@ -152,7 +152,7 @@ class DistillModule(pl.LightningModule):
         # The stage whose bookkeeping (statistics reset, cache fit) has been done; -1: none yet.
         self.register_buffer("stage_index", torch.tensor(-1, dtype=torch.int64))
         self._teachers: dict[str, nn.Module] = {}
-        self._memo: dict[str, _TargetMemo | None] = {}  # normalized cached targets, see _normalized_targets
+        self._memo: dict[str, _TargetMemo] = {}  # normalized cached targets, see _normalized_targets
 
     # ------------------------------------------------------------------ targets and losses
 
@@ -283,7 +283,7 @@ class DistillModule(pl.LightningModule):
         memo = self._memo.get(name)
         if memo is None or memo.key != key:
             size = self._memo_capacity(stage)
-            if size * y[0].numel() * 4 > self.distill_cfg["target_memo_mb"] * 2**20:
+            if size == 0 or size * y[0].numel() * 4 > self.distill_cfg["target_memo_mb"] * 2**20:
                 return norm(y)
             memo = _TargetMemo(key, y.new_empty((size, *y.shape[1:])), torch.zeros(size, dtype=torch.bool))
             self._memo[name] = memo
@@ -360,7 +360,7 @@ class DistillModule(pl.LightningModule):
         # Teacher-space errors are only computed on the steps the trainer logs.
         every = self.trainer.log_every_n_steps if self._trainer is not None else 1
         logged = (step + 1) % every == 0
-        samples = batch.get("index") if "targets" in batch and self._memo_capacity(index) else None
+        samples = batch.get("index") if "targets" in batch else None  # cached targets: may be kept
         loss, logs = self._terms(out, targets, local, teacher_space=logged, rows=rows, index=samples)
         if stage.hires is not None:
             if "hires" not in batch:
