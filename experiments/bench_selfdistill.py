@@ -4,6 +4,7 @@ ratio and a check that every model's accuracies match; optionally (``--solvers``
 the exact solver against SGD on the same kind of table.
 
     python -m experiments.bench_selfdistill --out experiments/results/selfdistill [--batched-threads 1,2]
+    python -m experiments.bench_selfdistill --repeats 3   # three runs, each timing both ways afresh
     python -m experiments.bench_selfdistill --render   # bench.md again, e.g. after a new mini study
 
 Writes bench.json and bench.md (atomically; a part not run this time keeps its last results), with
@@ -205,14 +206,14 @@ def agreement(alone: Sequence[SDRun], batched: Sequence[SDRun]) -> dict:
     }
 
 
-def report_batched(r: dict) -> str:
-    """The markdown section of ``bench_batched``: one row per thread count of the batched run."""
+def report_batched(runs: Sequence[dict]) -> str:
+    """The markdown section of ``bench_batched``'s runs: one row per run and batched thread count."""
 
     def load(pair: list) -> str:
         return " → ".join(f"{x[0]:.2f}" for x in pair)
 
-    alone = r["one_by_one"]
     header = [
+        "run",
         "features",
         "N×D",
         "λ",
@@ -231,18 +232,21 @@ def report_batched(r: dict) -> str:
         "max abs Δ softmax output",
     ]
     rows = []
-    for b in r["batched"]:
-        row = [r["features"], f"{r['N']}×{r['D']}", f"{r['lam']:g}", r["cells"], r["models"]]
-        row += [alone["threads"], f"{alone['seconds']:.1f}", load(alone["loadavg"])]
-        row += [b["threads"], f"{b['seconds']:.1f}", load(b["loadavg"]), f"{b['speedup']:.2f}×"]
-        equal = b["accuracy_values_compared"] - b["accuracy_values_different"]
-        row += [f"{equal} / {b['accuracy_values_compared']}", f"{b['max_abs_softmax_output_diff']:.1e}"]
-        rows.append(row)
+    for k, r in enumerate(runs, 1):
+        alone = r["one_by_one"]
+        for b in r["batched"]:
+            row = [k, r["features"], f"{r['N']}×{r['D']}", f"{r['lam']:g}", r["cells"], r["models"]]
+            row += [alone["threads"], f"{alone['seconds']:.1f}", load(alone["loadavg"])]
+            row += [b["threads"], f"{b['seconds']:.1f}", load(b["loadavg"]), f"{b['speedup']:.2f}×"]
+            equal = b["accuracy_values_compared"] - b["accuracy_values_different"]
+            row += [f"{equal} / {b['accuracy_values_compared']}", f"{b['max_abs_softmax_output_diff']:.1e}"]
+            rows.append(row)
     text = "### A full SD table, one probe at a time vs batched probes (paper's SGD recipe)\n\n"
     text += markdown_table(header, rows)
     text += (
         "\nTeacher + 4 students + PLL (GCE) per (η, seed); η ∈ {" + ", ".join(f"{e:g}" for e in ETAS) + "}, "
-        f"seeds {list(TABLE_SEEDS)}. Accuracies compared: test (last epoch, best over epochs) and training "
+        f"seeds {list(TABLE_SEEDS)}. Each run times the one-by-one loop and the batched probes afresh, "
+        "one after the other. Accuracies compared: test (last epoch, best over epochs) and training "
         "(true labels, given labels, ties) of every model. Load average: 1-minute value before → after "
         f"each timing on this {os.cpu_count()}-core machine; above {os.cpu_count()} it was shared.\n"
     )
@@ -298,6 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--seeds", type=int, default=1, help="--solvers: seeds per η (each η × seed is a cell)"
     )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="time both ways this many times, one after the other"
+    )
     parser.add_argument("--skip-digits", action="store_true", help="--solvers: block model only")
     parser.add_argument(
         "--render",
@@ -313,8 +320,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = list(range(args.seeds))
     with threadpool_limits(args.threads):
         digits = load_features(DIGITS, args.cache_dir)
-        batched = bench_batched(digits, args.threads, [int(n) for n in args.batched_threads.split(",")])
-        print(json.dumps(batched, indent=1), flush=True)
+        batched, batched_threads = [], [int(n) for n in args.batched_threads.split(",")]
+        for _ in range(args.repeats):
+            batched.append(bench_batched(digits, args.threads, batched_threads))
+            print(json.dumps(batched[-1], indent=1), flush=True)
         results = previous.get("tables", [])
         if args.solvers:
             results = [bench_table(block_feature_set(BLOCK), 1e-4, BLOCK_LR, seeds, 5, closed=True)]
@@ -325,8 +334,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return write_report(out, batched, results)
 
 
-def write_report(out: Path, batched: dict, tables: list[dict]) -> int:
-    """bench.json and bench.md, with the mini study's wall time from its timings.json."""
+def write_report(out: Path, batched: list[dict] | dict, tables: list[dict]) -> int:
+    """bench.json and bench.md, with the mini study's wall time from its timings.json; ``batched`` is a
+    list of ``bench_batched`` runs (a single run, as bench.json stored it before repeats, also reads)."""
+    batched = [batched] if isinstance(batched, dict) else list(batched)
     timings = out / "timings.json"
     mini = json.loads(timings.read_text()) if timings.is_file() else None
     atomic_write_json(out / "bench.json", {"batched": batched, "tables": tables, "mini": mini})

@@ -540,3 +540,26 @@ def test_resnet34_extraction_path_on_fake_data(tmp_path) -> None:
     X, y = feat.extract_dataset(model, data, batch_size=4, num_workers=0, desc="fake")
     assert X.shape == (6, 512) and y.shape == (6,) and np.isfinite(X).all()
     assert (X >= 0).all()  # post-ReLU average pool
+
+
+def test_bench_report_lists_every_run_and_reads_a_single_stored_run(tmp_path) -> None:
+    """bench.md has one row per run and batched thread count; bench.json of one run (a dict) still renders."""
+    from experiments.bench_selfdistill import write_report
+
+    def run(seconds: float) -> dict:
+        agree = {"accuracy_values_compared": 6, "accuracy_values_different": 0}
+        agree["max_abs_softmax_output_diff"] = 0.0
+        return {
+            "features": "digits", "N": 10, "D": 4, "lam": 5e-4, "cells": 1, "models": 6,
+            "one_by_one": {"threads": 1, "seconds": 80.0, "loadavg": [[0.5] * 3, [1.0] * 3]},
+            "batched": [{"threads": 2, "seconds": seconds, "speedup": 80.0 / seconds,
+                         "loadavg": [[1.0] * 3, [1.5] * 3], **agree}],
+        }  # fmt: skip
+
+    assert write_report(tmp_path, [run(10.0), run(8.0)], []) == 0
+    rows = [line for line in (tmp_path / "bench.md").read_text().splitlines() if "| digits |" in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| 1", "| 2"]
+    assert "8.00×" in rows[0] and "10.00×" in rows[1]
+    write_report(tmp_path, run(16.0), [])  # the layout of bench.json before repeats
+    text = (tmp_path / "bench.md").read_text()
+    assert "| 1 | digits |" in text and "5.00×" in text and "| 2 | digits |" not in text
