@@ -284,6 +284,7 @@ class DistillModule(pl.LightningModule):
         if memo is None or memo.key != key:
             size = self._memo_capacity(stage)
             if size == 0 or size * y[0].numel() * 4 > self.distill_cfg["target_memo_mb"] * 2**20:
+                self._memo.pop(name, None)  # a stale store would only hold memory
                 return norm(y)
             memo = _TargetMemo(key, y.new_empty((size, *y.shape[1:])), torch.zeros(size, dtype=torch.bool))
             self._memo[name] = memo
