@@ -12,17 +12,23 @@ By default it runs in float32 for float32/bfloat16/float16 features (``dtype=tor
 first leaves values of the order of the channel stds, so the float32 product is accurate to ~1e-7 of the
 largest variance (the naive formula on the same data: ~1e-6 to 1e-3), the mean to ~1e-7 of the channel
 std, and every product is accumulated in float64. ``dtype=torch.float64`` centres and multiplies in
-float64 (exact two-pass statistics, ~1e-13; about twice the time). The product skips the blocks below
-the diagonal, and runs with TF32 off on a GPU.
+float64 (exact two-pass statistics, ~1e-13; about twice the time). Only the upper block triangle of
+the product is formed: on a CPU with numpy's BLAS (symmetric ``syrk`` blocks on the diagonal, shared
+among torch's threads), elsewhere with torch block products and TF32 off.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 
+import numpy
 import torch
 import torch.distributed as dist
+from threadpoolctl import ThreadpoolController
 from torch import Tensor, nn
 
 # A chunk holds at most about 16M values (64 MiB in float32) and at most 16,384 tokens: the float32
@@ -32,8 +38,8 @@ from torch import Tensor, nn
 _CHUNK_ELEMENTS = 1 << 24
 _CHUNK_ROWS = 16384
 PRODUCT_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # config name → dtype
-# Symmetric products: at most 4 column blocks (10 of 16 block products) and blocks at least 256 wide,
-# where matmuls still run near full speed (measured on 2 CPU cores at C = 1024 and 1536).
+# Symmetric products: column blocks at least 256 wide, where matmuls still run near full speed
+# (measured on 2 CPU cores at C = 1024 and 1536); on a GPU at most 4 (10 of 16 block products).
 _SCATTER_BLOCKS = 4
 _SCATTER_MIN_WIDTH = 256
 
@@ -49,14 +55,125 @@ def _full_precision_matmul():
         torch.set_float32_matmul_precision(previous)
 
 
-def _add_upper_scatter(acc: Tensor, x: Tensor, work: Tensor) -> None:
-    """acc [C, C] += the upper block triangle of xᵀx for ``x: [n, C]``: about 5/8 of a full product.
+_BLAS = None  # numpy's BLAS thread pool (threadpoolctl), found on first use
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (process id, workers, pool) of the CPU products
 
-    The columns are cut into up to four blocks and only block rows on and above the diagonal are
-    multiplied (block i against blocks i..end), each into the flat buffer ``work`` (C² values of x's
-    dtype, reused so that no product allocates) and then added to acc; ``_mirror_upper`` completes the
-    matrix once at the end.
+
+_SCRATCH = threading.local()  # per thread: name → flat buffer, reused by every update
+
+
+def _scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A flat buffer of at least ``numel`` values, kept for the next update in this thread.
+
+    A statistics pass calls ``update`` once per batch; allocating its chunk buffer (64 MiB) and float64
+    accumulator anew each time costs a page fault per 4 KiB page, measurable beside the products on a
+    CPU. One buffer per name, dtype and device is kept per thread (however many accumulators exist).
     """
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    key = (name, dtype, torch.device(device))
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffers[key] = buffer = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]
+
+
+def _numpy_blas_threads(n: int):
+    """Context limiting numpy's BLAS (OpenBLAS in the numpy wheels) to n threads."""
+    global _BLAS
+    if _BLAS is None:
+        _BLAS = ThreadpoolController().select(user_api="blas")  # finds the BLAS numpy has loaded
+    return _BLAS.limit(limits=n)
+
+
+def _product_pool(workers: int) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads for the CPU products, made anew in a forked child or for a new size."""
+    global _POOL
+    if _POOL is None or _POOL[:2] != (os.getpid(), workers):
+        _POOL = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="phis-scatter"))
+    return _POOL[2]
+
+
+def _quiet_numpy():
+    """numpy's warnings off in this thread: non-finite features are reported by ``update`` itself."""
+    return numpy.errstate(all="ignore")
+
+
+def _scatter_tasks(dim: int, blocks: int) -> list[tuple[int, int, int, int]]:
+    """The block products of the upper block triangle of xᵀx, largest first.
+
+    Columns are cut into ``blocks`` equal blocks; a task (lo, hi, lo2, hi2) is the product of column
+    block [lo, hi) with [lo2, hi2): a symmetric one (half the work) on the diagonal, a full one above it.
+    """
+    edges = [dim * i // blocks for i in range(blocks + 1)]
+    spans = list(zip(edges[:-1], edges[1:]))
+    tasks = [(*spans[i], *spans[j]) for i in range(blocks) for j in range(i, blocks)]
+    return sorted(tasks, key=lambda t: -(t[1] - t[0]) * (t[3] - t[2]) * (0.5 if t[0] == t[2] else 1.0))
+
+
+def _add_cpu_scatter(acc: Tensor, x: Tensor) -> Tensor:
+    """acc [C, C] (float64) += the upper block triangle of xᵀx on a CPU; returns x's column sums [C].
+
+    The products run in numpy's BLAS: numpy calls ``syrk`` for ``aᵀ @ a`` on one buffer, a symmetric
+    product at about half the cost of a full one, which torch's CPU build lacks. With T torch threads
+    and C of at least 256·T, the columns are cut into min(2T, C // 256) blocks and T threads (this
+    one and T - 1 pool threads) take the block products of the upper triangle, largest first, then the
+    column sums, each task single-threaded in the thread that took it and added to acc there; otherwise
+    one ``syrk`` runs on T BLAS threads. (On 2 cores at C = 1024 and 1536 the shared task list took
+    0.44-0.57x the time of torch's full float32 product, sums included, one two-thread ``syrk``
+    0.50-0.66x without them: the BLAS's own workers keep spinning after each call and slow the torch
+    passes around it, and a fixed split of the work leaves one thread idle.)
+    """
+    threads = torch.get_num_threads()
+    dim = x.shape[1]
+    xn, an = x.numpy(), acc.numpy()
+    blocks = min(2 * threads, dim // _SCATTER_MIN_WIDTH)
+    if threads == 1 or blocks < threads:
+        with _numpy_blas_threads(threads), _quiet_numpy():
+            an += xn.T @ xn
+        return x.sum(0)
+    tasks = iter([*_scatter_tasks(dim, blocks), "sums"])
+    lock, sums = threading.Lock(), []
+
+    def work() -> None:
+        with _quiet_numpy():
+            run_tasks()
+
+    def run_tasks() -> None:
+        while True:
+            with lock:
+                task = next(tasks, None)
+            if task is None:
+                return
+            if task == "sums":
+                sums.append(numpy.ones(len(xn), dtype=xn.dtype) @ xn)
+                continue
+            lo, hi, lo2, hi2 = task
+            a = xn[:, lo:hi]
+            an[lo:hi, lo2:hi2] += a.T @ a if lo == lo2 else a.T @ xn[:, lo2:hi2]
+
+    with _numpy_blas_threads(1):
+        pool = _product_pool(threads - 1)
+        futures = [pool.submit(work) for _ in range(threads - 1)]
+        try:
+            work()
+        finally:  # no thread may still write to acc once this returns or raises
+            wait(futures)
+        for future in futures:
+            future.result()
+    return torch.from_numpy(sums[0])
+
+
+def _scatter_and_sums(acc: Tensor, x: Tensor, work: Tensor | None) -> Tensor:
+    """acc [C, C] (float64) += the upper block triangle of xᵀx for ``x: [n, C]`` (float32 or float64);
+    returns x's column sums [C] in x's dtype. The caller mirrors the upper triangle once at the end.
+
+    On a CPU: :func:`_add_cpu_scatter`. Elsewhere the columns are cut into up to four blocks and only
+    block rows on and above the diagonal are multiplied (block i against blocks i..end: 10 of 16 block
+    products), each into the flat buffer ``work`` (C² values of x's dtype, reused so that no product
+    allocates) and then added to acc.
+    """
+    if x.device.type == "cpu":
+        return _add_cpu_scatter(acc, x)
     dim = x.shape[1]
     blocks = max(1, min(_SCATTER_BLOCKS, dim // _SCATTER_MIN_WIDTH))
     edges = [dim * i // blocks for i in range(blocks + 1)]
@@ -64,11 +181,7 @@ def _add_upper_scatter(acc: Tensor, x: Tensor, work: Tensor) -> None:
         for lo, hi in zip(edges[:-1], edges[1:]):
             out = work[: (hi - lo) * (dim - lo)].view(hi - lo, dim - lo)
             acc[lo:hi, lo:] += torch.mm(x[:, lo:hi].T, x[:, lo:], out=out)
-
-
-def _mirror_upper(acc: Tensor) -> Tensor:
-    """The symmetric matrix whose upper triangle is acc's (exactly symmetric)."""
-    return acc.triu() + acc.triu(1).T
+    return x.sum(0)
 
 
 def _combine(
@@ -175,16 +288,22 @@ class StreamingMoments(nn.Module):
         dev, dim = self.mean.device, self.dim
         work = torch.promote_types(self.dtype, tokens.dtype)
         rows_per_chunk = max(1, min(_CHUNK_ROWS, _CHUNK_ELEMENTS // dim))
-        centred = torch.empty(min(n, rows_per_chunk), dim, dtype=work, device=dev)  # reused by every chunk
-        upper = torch.zeros(dim, dim, dtype=torch.float64, device=dev)
-        product = torch.empty(dim * dim, dtype=work, device=dev)  # one block row of xᵀx at a time
-        counts, means, residuals = [], [], []
+        centred = _scratch("centred", min(n, rows_per_chunk) * dim, work, dev).view(-1, dim)
+        upper = _scratch("upper", dim * dim, torch.float64, dev).view(dim, dim).zero_()
+        product = None if dev.type == "cpu" else _scratch("product", dim * dim, work, dev)
+        counts, shifts, sums = [], [], []
         for chunk in tokens.split(rows_per_chunk):
             chunk = chunk.to(dev)
             rows = chunk.shape[0]
+            # Centred on its mean rounded to the working dtype; what the rounding misses (the mean of x) is
+            # corrected exactly below. (A mean of sampled tokens would save a pass, but tokens with a
+            # period, e.g. one outlier position per image, can bias it by many stds, and the float32
+            # product's error grows with the square of that bias.)
             shift = chunk.mean(0, dtype=work)
-            # Any NaN/inf among the tokens makes the mean non-finite.
-            if not torch.isfinite(shift).all():
+            x = torch.sub(chunk, shift, out=centred[:rows])  # the caller's features are never modified
+            total = _scatter_and_sums(upper, x, product)
+            # Any NaN/inf among the tokens (or a sum that overflows) makes the sum non-finite.
+            if not torch.isfinite(total).all():
                 bad = int((~torch.isfinite(tokens)).any(dim=-1).sum())
                 if bad == 0:
                     raise ValueError(
@@ -192,20 +311,29 @@ class StreamingMoments(nn.Module):
                         "use StreamingMoments(..., dtype=torch.float64); not updating"
                     )
                 raise ValueError(f"non-finite values (NaN/inf) in {bad} of {n} feature tokens; not updating")
-            x = torch.sub(chunk, shift, out=centred[:rows])  # the caller's features are never modified
-            # shift is the mean rounded to the working dtype; r, the mean of x, is what it missed.
-            r = x.sum(0, dtype=work).to(torch.float64) / rows
-            _add_upper_scatter(upper, x, product)
             counts.append(rows)
-            means.append(shift.to(torch.float64) + r)
-            residuals.append(r)
-        # Pooled scatter about the batch mean μ: Σ_c [xᵀx_c - n_c r_c r_cᵀ + n_c (μ_c - μ)(μ_c - μ)ᵀ].
-        n_c = torch.tensor(counts, dtype=torch.float64, device=dev)
-        chunk_means, r_c = torch.stack(means), torch.stack(residuals)  # [k, C]
-        mean = (n_c @ chunk_means) / n
-        d = chunk_means - mean
-        m2 = _mirror_upper(upper) + (d.T * n_c) @ d - (r_c.T * n_c) @ r_c
-        self._merge(float(n), mean, 0.5 * (m2 + m2.T))
+            shifts.append(shift)
+            sums.append(total)
+        # With u_c the sum of chunk c's centred tokens x_c and m_c = shift_c + u_c / n_c its mean, the
+        # scatter about the batch mean μ is Σ_c [x_cᵀx_c − u_c u_cᵀ / n_c + n_c (m_c − μ)(m_c − μ)ᵀ];
+        # Chan's merge with the stored moments adds δδᵀ n_a n / (n_a + n), δ = μ − μ_a. The rank-one
+        # terms are rows of one weighted product, added in float64 with a single pass over [C, C].
+        n_c = torch.tensor(counts, dtype=torch.float64, device=dev)[:, None]
+        u_c = torch.stack(sums).to(torch.float64)
+        chunk_means = torch.stack(shifts).to(torch.float64) + u_c / n_c
+        mean = (n_c * chunk_means).sum(0) / n
+        count_a = float(self.count)
+        total_count = count_a + n
+        delta = mean - self.mean
+        terms = torch.cat(
+            [u_c / n_c.sqrt(), (chunk_means - mean) * n_c.sqrt(), delta[None] * math.sqrt(count_a * n / total_count)]
+        )
+        signs = torch.ones(terms.shape[0], dtype=torch.float64, device=dev)
+        signs[: len(counts)] = -1.0
+        upper.addmm_(terms.T * signs, terms).add_(self.m2)
+        torch.triu(upper, out=self.m2).add_(upper.triu(1).T)  # the upper triangle, mirrored: symmetric
+        self.mean.add_(delta * (n / total_count))
+        self.count.fill_(total_count)
 
     def _merge(self, n_b: float, mean_b: Tensor, m2_b: Tensor) -> None:
         count, mean, m2 = _combine((float(self.count), self.mean, self.m2), (n_b, mean_b, m2_b))

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from phis import stats
 from phis.normalizers import make_normalizer
 from phis.stats import TABLE7_KEYS, ChannelMoments, StreamingMoments, activation_stats, token_moments
 
@@ -90,6 +91,70 @@ def test_float32_products_across_column_blocks_are_symmetric_and_close(dim):
     assert torch.equal(m.m2, m.m2.T)
     assert np.abs(m.covariance.numpy() - cov).max() < 1e-6 * np.abs(cov).max()
     assert np.abs(m.mean.numpy() - mean).max() < 1e-6 * np.sqrt(np.diag(cov)).min()
+
+
+@pytest.mark.parametrize("dim", [512, 1000, 1536])
+@pytest.mark.parametrize("blocks", [1, 2, 3, 4, 6])
+def test_scatter_tasks_cover_the_upper_triangle_once_largest_first(dim, blocks):
+    tasks = stats._scatter_tasks(dim, blocks)
+    hits = np.zeros((dim, dim), dtype=int)
+    for lo, hi, lo2, hi2 in tasks:
+        assert lo < hi and lo2 < hi2 and lo <= lo2
+        hits[lo:hi, lo2:hi2] += 1
+    assert np.array_equal(np.triu(hits), np.triu(np.ones_like(hits)))
+    work = [(hi - lo) * (hi2 - lo2) * (0.5 if lo == lo2 else 1) for lo, hi, lo2, hi2 in tasks]
+    assert work == sorted(work, reverse=True) and len(tasks) == blocks * (blocks + 1) // 2
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+def test_cpu_products_agree_for_any_thread_count(threads, monkeypatch):
+    # 1,100 channels: one syrk on 1 thread; 4 blocks shared by 2, 3 or 4 threads otherwise.
+    y = sam_like(18_000, 1100, seed=21)
+    mean, cov = reference(y)
+    pools = []
+    make_pool = stats._product_pool
+    monkeypatch.setattr(stats, "_product_pool", lambda n: pools.append(n) or make_pool(n))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        m = feed(y, [18_000], dtype=torch.float32)
+    finally:
+        torch.set_num_threads(previous)
+    assert pools == ([] if threads == 1 else [threads - 1, threads - 1])  # two chunks
+    assert torch.equal(m.m2, m.m2.T)
+    assert np.abs(m.covariance.numpy() - cov).max() < 1e-6 * np.abs(cov).max()
+    assert np.abs(m.mean.numpy() - mean).max() < 1e-6 * np.sqrt(np.diag(cov)).min()
+
+
+def test_interleaved_accumulators_share_scratch_buffers_safely():
+    a_data, b_data = sam_like(20_000, 600, seed=22), sam_like(7_000, 40, seed=23).double()
+    alone_a = feed(a_data, [9_000, 11_000], dtype=torch.float32)
+    alone_b = feed(b_data, [3_000, 4_000])
+    a, b = StreamingMoments(600), StreamingMoments(40, F64)
+    a.update(a_data[:9_000])
+    b.update(b_data[:3_000])
+    a.update(a_data[9_000:])
+    b.update(b_data[3_000:])
+    for mixed, alone in ((a, alone_a), (b, alone_b)):
+        torch.testing.assert_close(mixed.m2, alone.m2, rtol=1e-12, atol=0)
+        torch.testing.assert_close(mixed.mean, alone.mean, rtol=1e-12, atol=0)
+
+
+def _pool_answer(queue):
+    queue.put(stats._product_pool(1).submit(int, "7").result(timeout=20))
+
+
+def test_product_pool_is_rebuilt_in_a_forked_child():
+    assert stats._product_pool(1).submit(int, "5").result(timeout=20) == 5  # the parent's pool is live
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_pool_answer, args=(queue,))
+    child.start()
+    try:
+        assert queue.get(timeout=30) == 7  # a pool inherited from the parent would have no thread
+    finally:
+        child.join(5)
+        child.kill()
 
 
 def test_half_precision_inputs_use_float32_products():
