@@ -326,7 +326,11 @@ class StreamingMoments(nn.Module):
         total_count = count_a + n
         delta = mean - self.mean
         terms = torch.cat(
-            [u_c / n_c.sqrt(), (chunk_means - mean) * n_c.sqrt(), delta[None] * math.sqrt(count_a * n / total_count)]
+            [
+                u_c / n_c.sqrt(),
+                (chunk_means - mean) * n_c.sqrt(),
+                delta[None] * math.sqrt(count_a * n / total_count),
+            ]
         )
         signs = torch.ones(terms.shape[0], dtype=torch.float64, device=dev)
         signs[: len(counts)] = -1.0
