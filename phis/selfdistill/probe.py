@@ -9,9 +9,11 @@ A probe W [K, D] maps features X [N, D] to logits X Wᵀ and is fit to minimize
   gradients (the update equals ``torch.optim.SGD`` with the same settings).
 
 ``fit_sgd_batched`` trains M such probes on one shared X as one stacked problem (weights [M, K, D], one
-batched matmul per step), each with its own targets, seed, loss, schedule and weight decay; every probe
-ends where ``fit_sgd`` alone would, up to float32 round-off. Probes with the same seed draw the same
-minibatch order, so each order is gathered once and its probes share the matmul.
+batched matmul each way per step), each with its own targets, seed, loss, schedule and weight decay;
+every probe ends where ``fit_sgd`` alone would, up to float32 round-off. Probes with the same seed draw
+the same minibatch order, so each order is gathered once and its probes share the matmul. With fewer
+training rows than features it trains the weights' coefficients on the (centred) training rows
+instead, the same SGD with one batched matmul per step.
 
 ``self_distill`` runs a teacher on the given labels, then students that each start from scratch on
 the previous round's training-set softmax outputs (temperature 1), and optionally the PLL student:
@@ -21,6 +23,7 @@ does the same for many label sets at once, training each round's probes of all o
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +35,7 @@ import torch
 from phis.selfdistill.theory import fit_exact, softmax
 
 SOLVERS = ("exact", "sgd")
+SGD_FORMS = ("auto", "primal", "dual")  # what fit_sgd_batched trains: see its docstring
 PLL_LOSSES = ("gce", "ce")
 PLL_ROWS = {"gce": "PLL", "ce": "PLL-CE"}  # table row of the PLL student trained with each loss
 # Logits closer than this fraction of a row's logit range are a tie. Ties are real here: a PLL
@@ -229,13 +233,23 @@ def fit_sgd_batched(
     X_eval: np.ndarray | None = None,
     y_eval: np.ndarray | None = None,
     device: str | torch.device | None = None,
+    form: str = "auto",
 ) -> list[ProbeFit]:
     """``fit_sgd`` of every task on the shared X [N, D], trained together; fits in task order.
 
     Tasks with the same seed (and the same choice of drawing their init) see the same minibatches, as
     they would alone. These U groups are padded to a common size G with idle probes (learning rate 0),
-    so a step is one gather X[idx] [U, B, D] and one batched matmul each way over [U, B, G·K] logits.
+    so a step works on [U, B, G·K] logits at once. ``form`` is what is trained:
+    - ``primal``: the weights; a step is one gather X[idx] [U, B, D] and one batched matmul each way;
+    - ``dual``: the weights' coefficients, W = a·W0 + C X with a [G] and C [G, K, N] per group. Every
+      gradient and weight decay step stays in that span, so this is the same SGD: a step is one
+      batched matmul of Gram rows (XXᵀ)[idx] [U, B, N] with C, and the minibatch's gradient is a
+      scatter into B columns of C's momentum instead of a second matmul. Cheaper when N ≤ D;
+    - ``auto`` (default): ``dual`` when N ≤ D, else ``primal``.
+    Both end where ``fit_sgd`` alone ends, up to float32 round-off (the tests hold both to it).
     """
+    if form not in SGD_FORMS:
+        raise ValueError(f"unknown batched SGD form {form!r}; choose one of {', '.join(SGD_FORMS)}")
     if not tasks:
         return []
     for task in tasks:
@@ -276,69 +290,248 @@ def fit_sgd_batched(
             used[u, g] = True
 
     device = torch.device(device or "cpu")
-    W, T, perms = W.to(device), T.to(device), perms.to(device)
-    Xt = torch.as_tensor(X, dtype=torch.float32).to(device)
+    stack = _ProbeStack(
+        X=torch.as_tensor(X, dtype=torch.float32).to(device),
+        W0=W.to(device),
+        T=T.to(device).view(U * N, G * K),
+        perms=perms.to(device),
+        lr=lr,
+        lr_decay=lr_decay,
+        momentum=momentum,
+        lam=lam,
+        q=q,
+        gce=gce,
+        used=used,
+        batch_size=batch_size,
+    )
+    if X_eval is not None and len(y_eval) > 0:
+        stack.X_eval = torch.as_tensor(X_eval, dtype=torch.float32).to(device)
+        stack.y_eval = torch.as_tensor(y_eval).to(device)
+    train = _train_dual if form == "dual" or (form == "auto" and N <= D) else _train_primal
+    W_end, W_best, curve = train(stack)
+    slot = {i: (u, g) for u, members in enumerate(groups.values()) for g, i in enumerate(members)}
+    if stack.X_eval is None:
+        return [ProbeFit(W_end[slot[i]]) for i in range(len(tasks))]
+    return [ProbeFit(W_end[slot[i]], curve[slot[i]], W_best[slot[i]]) for i in range(len(tasks))]
 
-    def per_probe(values: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.as_tensor(values, dtype=torch.float32).to(device).view(shape)
 
-    lam_w, momentum_w = per_probe(lam, (U, G, 1, 1)), per_probe(momentum, (U, G, 1, 1))
-    q_z, gce_z = per_probe(q, (U, 1, G, 1)), torch.as_tensor(gce).to(device).view(U, 1, G, 1)
-    has_gce, has_ce = bool(gce.any()), bool((~gce).any())
+@dataclass
+class _ProbeStack:
+    """The probes of one ``fit_sgd_batched`` call in U groups (one minibatch order each) of G probes.
+
+    Tensors are on the training device; per-probe settings are [U, G] float64 arrays, as the Python
+    floats of ``fit_sgd``, cast to float32 where used (idle padding probes: learning rate 0).
+    """
+
+    X: torch.Tensor  # [N, D] float32
+    W0: torch.Tensor  # [U, G, K, D] the initial weights
+    T: torch.Tensor  # [U·N, G·K] targets: row u·N + i holds group u's probes' targets of instance i
+    perms: torch.Tensor  # [U, epochs, N] each group's minibatch order
+    lr: np.ndarray
+    lr_decay: np.ndarray
+    momentum: np.ndarray
+    lam: np.ndarray
+    q: np.ndarray
+    gce: np.ndarray  # bool: the probe's loss is GCE (else cross-entropy)
+    used: np.ndarray  # bool: a real probe, not padding
+    batch_size: int
+    X_eval: torch.Tensor | None = None  # [Ne, D] float32
+    y_eval: torch.Tensor | None = None  # [Ne]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        """U, G, K, N, D."""
+        U, G, K, D = self.W0.shape
+        return U, G, K, self.X.shape[0], D
+
+    def per_probe(self, values: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.as_tensor(values, dtype=torch.float32).to(self.X.device).view(shape)
+
+    def minibatches(self, epoch: int):
+        """(idx [U, B], rows [U·B]) of each minibatch of the epoch: the instances and their target rows."""
+        U, N = self.perms.shape[0], self.perms.shape[2]
+        offsets = torch.arange(U, device=self.X.device).view(U, 1) * N
+        for start in range(0, N, self.batch_size):
+            idx = self.perms[:, epoch, start : start + self.batch_size]
+            yield idx, (idx + offsets).reshape(-1)
+
+    def logit_grads(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """d loss / d logits of every probe, [U, B, G, K], each with its own loss."""
+        if not self.gce.any():  # p − t, in place
+            return torch.softmax(logits, dim=3).sub_(targets)
+        gce, q = self._gce_settings
+        if self.gce.all():
+            return logit_grad(logits, targets, "gce", q, dim=3)
+        return torch.where(
+            gce, logit_grad(logits, targets, "gce", q, dim=3), logit_grad(logits, targets, "ce", 0.0, dim=3)
+        )
+
+    @functools.cached_property
+    def _gce_settings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which probes use GCE, and their q, both [U, 1, G, 1] on the device."""
+        U, G = self.gce.shape
+        return torch.as_tensor(self.gce).to(self.X.device).view(U, 1, G, 1), self.per_probe(
+            self.q, (U, 1, G, 1)
+        )
+
+    def shared_momentum(self) -> float | None:
+        """The momentum of every real probe when they all have the same (the paper's 0.9), else None."""
+        momenta = np.unique(self.momentum[self.used])
+        return float(momenta[0]) if len(momenta) == 1 else None
+
+
+class _BestEpochs:
+    """Test accuracy per epoch of every probe, and which probes just reached their best (first) one."""
+
+    def __init__(self, stack: _ProbeStack, epochs: int) -> None:
+        U, G = stack.lr.shape
+        self.y = stack.y_eval
+        self.curve = torch.full((U, G, epochs), math.nan, dtype=torch.float64, device=stack.X.device)
+        self.best = torch.full((U, G), -1.0, dtype=torch.float64, device=stack.X.device)
+
+    def better(self, epoch: int, scores: torch.Tensor) -> torch.Tensor:
+        """Record the epoch from test logits [Ne, U, G, K]; a [U, G] mask of the probes that improved."""
+        pred = scores.argmax(3)  # [Ne, U, G]
+        self.curve[:, :, epoch] = (pred == self.y[:, None, None]).double().mean(0)
+        better = self.curve[:, :, epoch] > self.best
+        self.best = torch.where(better, self.curve[:, :, epoch], self.best)
+        return better
+
+
+def _train_primal(stack: _ProbeStack) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train the weights themselves; (W, W at the best test epoch, test curves) as float64 arrays."""
+    U, G, K, N, D = stack.shape
+    epochs = stack.perms.shape[1]
+    W = stack.W0.clone()
+    Wf = W.view(U, G * K, D)
+    lam_w, momentum_w = (
+        stack.per_probe(stack.lam, (U, G, 1, 1)),
+        stack.per_probe(stack.momentum, (U, G, 1, 1)),
+    )
     # One momentum for every probe (the paper's 0.9): the decay of the buffer rides in the gradient's
     # batched matmul (baddbmm's beta) instead of a pass of its own.
-    # (The idle probes' learning rate is 0, so their momentum is any.)
-    momenta = np.unique(momentum[used])
-    shared_momentum = float(momenta[0]) if len(momenta) == 1 else None
+    shared_momentum = stack.shared_momentum()
     beta = 1.0 if shared_momentum is None else shared_momentum  # the buffer's factor in baddbmm
-    Xe, ye = None, None
-    if X_eval is not None and len(y_eval) > 0:
-        Xe, ye = torch.as_tensor(X_eval, dtype=torch.float32).to(device), torch.as_tensor(y_eval).to(device)
-    curve = torch.full((U, G, epochs), math.nan, dtype=torch.float64, device=device)
-    # Rows of each group's targets in T.view(U·N, G·K), in minibatch order
-    target_rows = perms + torch.arange(U, device=device).view(U, 1, 1) * N
-    Tf, Wf = T.view(U * N, G * K), W.view(U, G * K, D)
     momentum_buf = torch.zeros_like(W)
     buf_f = momentum_buf.view(U, G * K, D)
-    W_best, best = W.clone(), torch.full((U, G), -1.0, dtype=torch.float64, device=device)
+    W_best, tracker, lr = W.clone(), _BestEpochs(stack, epochs), stack.lr.copy()
     for epoch in range(epochs):
-        neg_lr_w = per_probe(-lr, (U, G, 1, 1))
-        for start in range(0, N, batch_size):
-            idx = perms[:, epoch, start : start + batch_size]  # [U, B]
+        neg_lr_w = stack.per_probe(-lr, (U, G, 1, 1))
+        for idx, rows in stack.minibatches(epoch):
             B = idx.shape[1]
-            xb = Xt.index_select(0, idx.reshape(-1)).view(U, B, D)
-            rows = target_rows[:, epoch, start : start + batch_size].reshape(-1)
-            targets = Tf.index_select(0, rows).view(U, B, G, K)
-            logits = torch.bmm(xb, Wf.transpose(1, 2)).view(U, B, G, K)
-            if has_gce and has_ce:
-                dz = torch.where(
-                    gce_z,
-                    logit_grad(logits, targets, "gce", q_z, dim=3),
-                    logit_grad(logits, targets, "ce", 0.0, dim=3),
-                )
-            elif has_gce:
-                dz = logit_grad(logits, targets, "gce", q_z, dim=3)
-            else:  # p − t, in place
-                dz = torch.softmax(logits, dim=3).sub_(targets)
+            xb = stack.X.index_select(0, idx.reshape(-1)).view(U, B, D)
+            targets = stack.T.index_select(0, rows).view(U, B, G, K)
+            dz = stack.logit_grads(torch.bmm(xb, Wf.transpose(1, 2)).view(U, B, G, K), targets)
             # buffer ← momentum · buffer + (dzᵀ x / B + λ W);  W ← W − lr · buffer
             if shared_momentum is None:
                 momentum_buf.mul_(momentum_w)
             buf_f.baddbmm_(dz.view(U, B, G * K).transpose(1, 2), xb, beta=beta, alpha=1.0 / B)
             momentum_buf.addcmul_(W, lam_w)
             W.addcmul_(momentum_buf, neg_lr_w)
-        lr *= lr_decay
-        if Xe is not None:
-            pred = (Xe @ W.view(U * G * K, D).T).view(-1, U, G, K).argmax(3)  # [Ne, U, G]
-            curve[:, :, epoch] = (pred == ye[:, None, None]).double().mean(0)
-            better = curve[:, :, epoch] > best  # [U, G]: the first epoch of each probe's best accuracy
-            best = torch.where(better, curve[:, :, epoch], best)
+        lr *= stack.lr_decay
+        if stack.X_eval is not None:
+            better = tracker.better(epoch, (stack.X_eval @ W.view(U * G * K, D).T).view(-1, U, G, K))
             W_best[better] = W[better]
-    W64, curve = W.double().cpu().numpy(), curve.cpu().numpy()
-    best64 = W_best.double().cpu().numpy()
-    slot = {i: (u, g) for u, members in enumerate(groups.values()) for g, i in enumerate(members)}
-    if Xe is None:
-        return [ProbeFit(W64[slot[i]]) for i in range(len(tasks))]
-    return [ProbeFit(W64[slot[i]], curve[slot[i]], best64[slot[i]]) for i in range(len(tasks))]
+    return _numpy(W), _numpy(W_best), _numpy(tracker.curve)
+
+
+def _train_dual(stack: _ProbeStack) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train the coefficients of W (``fit_sgd_batched``'s dual form); the same SGD as ``_train_primal``.
+
+    With μ the mean training row, the basis is the N centred rows x̃_j = x_j − μ and μ itself, and
+    W = a·W0 + C [X̃; μ]: per probe a scalar a and C [K, N + 1], stored as C [U, N + 1, G, K]. (On
+    rows that share a large offset, as real features do, an uncentred basis makes the terms of the
+    logits cancel and costs float32 digits.) With g = dzᵀ X[idx] / B + λ W, the momentum buffer
+    μ_m·buf + g and the step W − lr·buf keep this form: the buffer's coefficients decay by μ_m and gain
+    λ times W's, and it gains dz / B in the columns idx and the minibatch's Σ dz / B in column N (the
+    gradient's part along μ); a step subtracts lr times them. The logits of row i are
+    a·x_i W0ᵀ + (x_i·[X̃; μ]ᵀ) C: one batched matmul with rows of [X X̃ᵀ, X μ], computed once in float64.
+    With one λ, momentum and schedule for every probe (an SD table's case), a is the same for all and
+    the updates take scalars.
+    """
+    U, G, K, N, D = stack.shape
+    epochs, device = stack.perms.shape[1], stack.X.device
+    X64, W0 = stack.X.double(), stack.W0.view(U, G * K, D)
+    mean = X64.mean(0)
+    basis = torch.cat([X64 - mean, mean[None]])  # [N + 1, D]
+    gram = _products(stack.X, basis, mean)  # [N, N + 1]: row i is x_i·[X̃; μ]ᵀ
+    base = _products(stack.X, W0.double().reshape(U * G * K, D), mean)  # x_i W0ᵀ of every probe
+    base = base.view(N, U, G * K).transpose(0, 1).reshape(U * N, G * K)  # row u·N + i: group u's
+    C, M = (torch.zeros(U, N + 1, G, K, device=device) for _ in range(2))
+    settings = (stack.lam, stack.momentum, stack.lr, stack.lr_decay)
+    uniform = all(len(np.unique(values[stack.used])) == 1 for values in settings)
+    if uniform:  # Python floats; the idle padding probes train too, on zero targets, and are dropped
+        lam, momentum, lr, lr_decay = (float(values[stack.used][0]) for values in settings)
+        a, m_a = 1.0, 0.0
+    else:
+        lam, momentum = (
+            stack.per_probe(stack.lam, (U, 1, G, 1)),
+            stack.per_probe(stack.momentum, (U, 1, G, 1)),
+        )
+        lr, lr_decay = stack.lr.copy(), stack.lr_decay
+        a, m_a = torch.ones(U, 1, G, 1, device=device), torch.zeros(U, 1, G, 1, device=device)
+    if stack.X_eval is not None:
+        gram_eval = _products(stack.X_eval, basis, mean)  # [Ne, N + 1]
+        base_eval = _products(stack.X_eval, W0.double().reshape(U * G * K, D), mean).view(-1, U, G, K)
+    a_per_probe = (lambda: torch.full((U, 1, G, 1), a, device=device)) if uniform else (lambda: a)
+    best = {"C": C.clone(), "a": a_per_probe().clone()}
+    tracker = _BestEpochs(stack, epochs)
+    basis_offsets = torch.arange(U, device=device).view(U, 1) * (N + 1)
+    for epoch in range(epochs):
+        neg_lr = -lr if uniform else stack.per_probe(-lr, (U, 1, G, 1))
+        for idx, rows in stack.minibatches(epoch):
+            B = idx.shape[1]
+            base_rows = base.index_select(0, rows).view(U, B, G * K)
+            if not uniform:
+                base_rows = (base_rows.view(U, B, G, K) * a).view(U, B, G * K)
+            gram_rows = gram.index_select(0, idx.reshape(-1)).view(U, B, N + 1)
+            logits = torch.baddbmm(base_rows, gram_rows, C.view(U, N + 1, G * K), beta=a if uniform else 1.0)
+            dz = stack.logit_grads(logits.view(U, B, G, K), stack.T.index_select(0, rows).view(U, B, G, K))
+            # buffer ← momentum · buffer + λ C + the minibatch's gradient; C ← C − lr · buffer
+            if uniform:
+                M.mul_(momentum).add_(C, alpha=lam)
+            else:
+                M.mul_(momentum).addcmul_(C, lam)
+            M.view(U * (N + 1), G * K).index_add_(
+                0, (idx + basis_offsets).reshape(-1), dz.view(U * B, G * K), alpha=1.0 / B
+            )
+            M[:, N].add_(dz.sum(1), alpha=1.0 / B)
+            if uniform:
+                C.add_(M, alpha=neg_lr)
+                m_a = momentum * m_a + lam * a
+                a += neg_lr * m_a
+            else:
+                C.addcmul_(M, neg_lr)
+                m_a.mul_(momentum).addcmul_(a, lam)
+                a.addcmul_(m_a, neg_lr)
+        lr *= lr_decay
+        if stack.X_eval is not None:
+            flat_C = C.view(U, N + 1, G * K).permute(1, 0, 2).reshape(N + 1, U * G * K)
+            scores = (
+                (gram_eval @ flat_C).view(-1, U, G, K).addcmul_(base_eval, a_per_probe().view(1, U, G, 1))
+            )
+            better = tracker.better(epoch, scores).view(U, 1, G, 1)
+            for name, now in (("C", C), ("a", a_per_probe())):
+                best[name].copy_(torch.where(better, now, best[name]))
+
+    def weights(C: torch.Tensor, a: torch.Tensor) -> np.ndarray:
+        """a·W0 + C [X̃; μ] in float64, [U, G, K, D]."""
+        spanned = (C.double().permute(0, 2, 3, 1).reshape(U, G * K, N + 1) @ basis).view(U, G, K, D)
+        return _numpy(spanned + a.double().view(U, G, 1, 1) * stack.W0.double())
+
+    return weights(C, a_per_probe()), weights(**best), _numpy(tracker.curve)
+
+
+def _products(rows: torch.Tensor, columns: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """rows @ columnsᵀ in float32 for float32 ``rows`` [n, D] far from the origin and float64
+    ``columns`` [m, D], as (rows − mean) @ columnsᵀ + mean @ columnsᵀ: the float32 product of centred
+    rows loses no digits to their common offset, and the offset's part is exact in float64."""
+    centred = (rows.double() - mean).float()
+    return torch.addmm((columns @ mean).float(), centred, columns.float().T)
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.double().cpu().numpy()
 
 
 def fit_gce_full_batch(
