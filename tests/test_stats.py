@@ -4,6 +4,7 @@ The float64-product path (``dtype=torch.float64``) is held to ~1e-11; the defaul
 to 1e-6 of max |Σ|, on the same data where the naive float32 formula is off by orders of magnitude more.
 """
 
+import functools
 import math
 
 import numpy as np
@@ -106,11 +107,17 @@ def test_scatter_tasks_cover_the_upper_triangle_once_largest_first(dim, blocks):
     assert work == sorted(work, reverse=True) and len(tasks) == blocks * (blocks + 1) // 2
 
 
+@functools.cache
+def _wide_features() -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """18,000 SAM-like tokens of 1,100 channels and their float64 mean and covariance (made once)."""
+    y = sam_like(18_000, 1100, seed=21)
+    return (y, *reference(y))
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3, 4])
 def test_cpu_products_agree_for_any_thread_count(threads, monkeypatch):
     # 1,100 channels: one syrk on 1 thread; 4 blocks shared by 2, 3 or 4 threads otherwise.
-    y = sam_like(18_000, 1100, seed=21)
-    mean, cov = reference(y)
+    y, mean, cov = _wide_features()
     pools = []
     make_pool = stats._product_pool
     monkeypatch.setattr(stats, "_product_pool", lambda n: pools.append(n) or make_pool(n))
