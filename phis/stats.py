@@ -70,7 +70,8 @@ def _scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) ->
     CPU. One buffer per name, dtype and device is kept per thread (however many accumulators exist).
     """
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
-    key = (name, dtype, torch.device(device))
+    # A buffer made under torch.inference_mode() cannot be written outside it (nor the reverse).
+    key = (name, dtype, torch.device(device), torch.is_inference_mode_enabled())
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel:
         buffers[key] = buffer = torch.empty(numel, dtype=dtype, device=device)
@@ -225,6 +226,13 @@ def _all_reduced(count: float, mean: Tensor, m2: Tensor) -> tuple[float, Tensor,
     return n, global_mean, m2
 
 
+def _overflow(tokens: Tensor, work: torch.dtype) -> ValueError:
+    return ValueError(
+        f"feature values up to {float(tokens.abs().max()):.3g} overflow {work} sums; "
+        "use StreamingMoments(..., dtype=torch.float64); not updating"
+    )
+
+
 class StreamingMoments(nn.Module):
     """Running token count, mean [C] and scatter matrix about the mean [C, C], all float64 buffers.
 
@@ -306,14 +314,13 @@ class StreamingMoments(nn.Module):
             if not torch.isfinite(total).all():
                 bad = int((~torch.isfinite(tokens)).any(dim=-1).sum())
                 if bad == 0:
-                    raise ValueError(
-                        f"feature values up to {float(tokens.abs().max()):.3g} overflow {work} sums; "
-                        "use StreamingMoments(..., dtype=torch.float64); not updating"
-                    )
+                    raise _overflow(tokens, work)
                 raise ValueError(f"non-finite values (NaN/inf) in {bad} of {n} feature tokens; not updating")
             counts.append(rows)
             shifts.append(shift)
             sums.append(total)
+        if not torch.isfinite(upper.diagonal()).all():  # squares overflowed where the sums did not
+            raise _overflow(tokens, work)
         # With u_c the sum of chunk c's centred tokens x_c and m_c = shift_c + u_c / n_c its mean, the
         # scatter about the batch mean μ is Σ_c [x_cᵀx_c − u_c u_cᵀ / n_c + n_c (m_c − μ)(m_c − μ)ᵀ];
         # Chan's merge with the stored moments adds δδᵀ n_a n / (n_a + n), δ = μ − μ_a. The rank-one

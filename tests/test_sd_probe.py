@@ -202,6 +202,14 @@ def test_batched_sgd_equals_one_probe_at_a_time(form: str, D: int) -> None:
     assert fit_sgd_batched(X, []) == []
 
 
+@pytest.mark.parametrize("form", ["primal", "dual", "auto"])
+def test_batched_sgd_without_training_rows_keeps_the_initial_weights(form: str) -> None:
+    W0 = np.ones((3, 5))
+    task = ProbeTask(np.zeros((0, 3)), 1e-3, SGDRecipe(epochs=2), W0=W0)
+    (fit,) = fit_sgd_batched(np.zeros((0, 5)), [task], form=form)
+    np.testing.assert_array_equal(fit.W, W0)
+
+
 def test_auto_form_is_dual_with_fewer_training_rows_than_features(monkeypatch) -> None:
     trained = []
     for name in ("_train_primal", "_train_dual"):

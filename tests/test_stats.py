@@ -6,6 +6,7 @@ to 1e-6 of max |Σ|, on the same data where the naive float32 formula is off by 
 
 import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -265,6 +266,31 @@ def test_float32_sum_overflow_names_the_float64_option():
     m64 = StreamingMoments(3, F64)
     m64.update(y)
     assert m64.mean.tolist() == pytest.approx([3e38] * 3, rel=1e-7)
+
+
+def test_float32_square_overflow_with_finite_sums_is_reported():
+    y = torch.full((8, 3), 1e20) + torch.arange(8.0)[:, None] * 1e19  # squares overflow float32, sums not
+    m = StreamingMoments(3)
+    with pytest.raises(ValueError, match="overflow torch.float32 sums; use .*dtype=torch.float64"):
+        m.update(y)
+    assert m.count.item() == 0 and torch.equal(m.m2, torch.zeros(3, 3, dtype=F64))
+
+
+def test_update_works_in_and_out_of_inference_mode_in_one_thread():
+    """In a fresh thread (empty per-thread buffers), the first update runs under inference mode."""
+    y = sam_like(500, 6, seed=31)
+    moments = {}
+
+    def both() -> None:
+        with torch.inference_mode():
+            moments["inside"] = StreamingMoments(6)
+            moments["inside"].update(y)
+        moments["outside"] = StreamingMoments(6)
+        moments["outside"].update(y)  # the buffers made under inference mode are not reused here
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(both).result()
+    assert torch.equal(moments["outside"].m2, moments["inside"].m2)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

@@ -452,7 +452,7 @@ def _train_dual(stack: _ProbeStack) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     U, G, K, N, D = stack.shape
     epochs, device = stack.perms.shape[1], stack.X.device
     X64, W0 = stack.X.double(), stack.W0.view(U, G * K, D)
-    mean = X64.mean(0)
+    mean = X64.mean(0) if N else X64.new_zeros(D)  # (no rows: W stays a·W0)
     basis = torch.cat([X64 - mean, mean[None]])  # [N + 1, D]
     gram = _products(stack.X, basis, mean)  # [N, N + 1]: row i is x_i·[X̃; μ]ᵀ
     base = _products(stack.X, W0.double().reshape(U * G * K, D), mean)  # x_i W0ᵀ of every probe
