@@ -374,10 +374,10 @@ class _ProbeStack:
             self.q, (U, 1, G, 1)
         )
 
-    def shared_momentum(self) -> float | None:
-        """The momentum of every real probe when they all have the same (the paper's 0.9), else None."""
-        momenta = np.unique(self.momentum[self.used])
-        return float(momenta[0]) if len(momenta) == 1 else None
+    def shared(self, values: np.ndarray) -> float | None:
+        """The setting every real probe has (e.g. the paper's momentum 0.9), or None if they differ."""
+        distinct = np.unique(values[self.used])
+        return float(distinct[0]) if len(distinct) == 1 else None
 
 
 class _BestEpochs:
@@ -410,7 +410,7 @@ def _train_primal(stack: _ProbeStack) -> tuple[np.ndarray, np.ndarray, np.ndarra
     )
     # One momentum for every probe (the paper's 0.9): the decay of the buffer rides in the gradient's
     # batched matmul (baddbmm's beta) instead of a pass of its own.
-    shared_momentum = stack.shared_momentum()
+    shared_momentum = stack.shared(stack.momentum)
     beta = 1.0 if shared_momentum is None else shared_momentum  # the buffer's factor in baddbmm
     momentum_buf = torch.zeros_like(W)
     buf_f = momentum_buf.view(U, G * K, D)
@@ -459,9 +459,10 @@ def _train_dual(stack: _ProbeStack) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     base = base.view(N, U, G * K).transpose(0, 1).reshape(U * N, G * K)  # row u·N + i: group u's
     C, M = (torch.zeros(U, N + 1, G, K, device=device) for _ in range(2))
     settings = (stack.lam, stack.momentum, stack.lr, stack.lr_decay)
-    uniform = all(len(np.unique(values[stack.used])) == 1 for values in settings)
+    shared = [stack.shared(values) for values in settings]
+    uniform = None not in shared
     if uniform:  # Python floats; the idle padding probes train too, on zero targets, and are dropped
-        lam, momentum, lr, lr_decay = (float(values[stack.used][0]) for values in settings)
+        lam, momentum, lr, lr_decay = shared
         a, m_a = 1.0, 0.0
     else:
         lam, momentum = (
