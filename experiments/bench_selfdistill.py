@@ -122,6 +122,7 @@ def bench_batched(feats: FeatureSet, threads: int, batched_threads: Sequence[int
     """A full table trained one probe at a time (``self_distill`` per cell, ``threads`` threads) and as
     batches of probes (``self_distill_batched``: each round's probes of all cells together, once per
     entry of ``batched_threads``); seconds, speed-ups, agreement of every model's accuracies."""
+    started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     cells = [(eta, seed) for eta in ETAS for seed in TABLE_SEEDS]
     given = [
         corrupt_labels(feats.y_train, corruption_matrix("sym", feats.num_classes, eta), seed)
@@ -163,6 +164,8 @@ def bench_batched(feats: FeatureSet, threads: int, batched_threads: Sequence[int
                 }
             )
     return {
+        "started": started,  # UTC
+        "cpu": torch.backends.cpu.get_cpu_capability(),  # this VM's host varies: AVX2 one day, AVX512 another
         "features": feats.name,
         "N": len(feats.y_train),
         "D": feats.X_train.shape[1],
@@ -214,6 +217,8 @@ def report_batched(runs: Sequence[dict]) -> str:
 
     header = [
         "run",
+        "started (UTC)",
+        "CPU",
         "features",
         "N×D",
         "λ",
@@ -235,7 +240,8 @@ def report_batched(runs: Sequence[dict]) -> str:
     for k, r in enumerate(runs, 1):
         alone = r["one_by_one"]
         for b in r["batched"]:
-            row = [k, r["features"], f"{r['N']}×{r['D']}", f"{r['lam']:g}", r["cells"], r["models"]]
+            row = [k, r.get("started", "—"), r.get("cpu", "—"), r["features"], f"{r['N']}×{r['D']}"]
+            row += [f"{r['lam']:g}", r["cells"], r["models"]]
             row += [alone["threads"], f"{alone['seconds']:.1f}", load(alone["loadavg"])]
             row += [b["threads"], f"{b['seconds']:.1f}", load(b["loadavg"]), f"{b['speedup']:.2f}×"]
             equal = b["accuracy_values_compared"] - b["accuracy_values_different"]

@@ -192,6 +192,7 @@ def main() -> None:
     p.add_argument("--out", default="outputs/bench_stats.md")
     args = p.parse_args()
     rows, notes, summary = [], [], []
+    started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     for k in range(args.repeats):
         load = os.getloadavg()[0]
         r_rows, notes, ratios = run(
@@ -206,7 +207,8 @@ def main() -> None:
         + markdown_table(["run", *HEADER], rows)
         + "\nFloat32-product stream, time per token ÷ torch.cov's:\n"
         + "\n".join(summary)
-        + f"\n\nMachine: {os.cpu_count()} CPUs, torch {torch.__version__} with {threads} "
+        + f"\n\nMachine: {os.cpu_count()} CPUs ({torch.backends.cpu.get_cpu_capability()}), started "
+        f"{started} UTC, torch {torch.__version__} with {threads} "
         f"thread(s); batches of {args.batch:,} float32 tokens (SAM-like offsets).\n"
         "Peak MB: increase of the measuring process's peak resident set over the measured phase, "
         "including the tokens the method holds (one batch vs all) and one batch's generation temporaries. "

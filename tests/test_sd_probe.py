@@ -626,6 +626,8 @@ def test_bench_report_lists_every_run_and_reads_a_single_stored_run(tmp_path) ->
     rows = [line for line in (tmp_path / "bench.md").read_text().splitlines() if "| digits |" in line]
     assert [r.split(" | ")[0] for r in rows] == ["| 1", "| 2"]
     assert "8.00×" in rows[0] and "10.00×" in rows[1]
-    write_report(tmp_path, run(16.0), [])  # the layout of bench.json before repeats
+    write_report(tmp_path, run(16.0), [])  # the layout of bench.json before repeats (no start time, no CPU)
     text = (tmp_path / "bench.md").read_text()
-    assert "| 1 | digits |" in text and "5.00×" in text and "| 2 | digits |" not in text
+    assert "| 1 | — | — | digits |" in text and "5.00×" in text and "| 2 | — | — | digits |" not in text
+    write_report(tmp_path, [{**run(10.0), "started": "2026-11-30 04:00", "cpu": "AVX512"}], [])
+    assert "| 1 | 2026-11-30 04:00 | AVX512 | digits |" in (tmp_path / "bench.md").read_text()
