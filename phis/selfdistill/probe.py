@@ -501,8 +501,9 @@ def _train_dual(stack: _ProbeStack) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     if uniform:  # Python floats; the idle padding probes train too, on zero targets, and are dropped
         lam, momentum, lr, lr_decay = shared
         a, m_a = 1.0, 0.0
-        lerp = lam > 0 and momentum < 1
-        scale = lam / (1.0 - momentum) if lerp else 1.0  # M = scale · (the buffer's coefficients)
+        # M = scale · (the buffer's coefficients); a vanishing λ would scale M̂ towards float32's range
+        lerp = lam > 0 and momentum < 1 and lam / (1.0 - momentum) >= 1e-12
+        scale = lam / (1.0 - momentum) if lerp else 1.0
     else:
         lam, momentum = (stack.per_probe(v, (1, U, G, 1)) for v in (stack.lam, stack.momentum))
         lr, lr_decay, scale = stack.lr.copy(), stack.lr_decay, 1.0
