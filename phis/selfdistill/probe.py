@@ -502,8 +502,9 @@ def _train_dual(stack: _ProbeStack) -> tuple[np.ndarray, np.ndarray, np.ndarray]
         lam, momentum, lr, lr_decay = shared
         a, m_a = 1.0, 0.0
         # M = scale · (the buffer's coefficients); a vanishing λ would scale M̂ towards float32's range
-        lerp = lam > 0 and momentum < 1 and lam / (1.0 - momentum) >= 1e-12
-        scale = lam / (1.0 - momentum) if lerp else 1.0
+        scale = lam / (1.0 - momentum) if momentum < 1 else 0.0
+        lerp = scale >= 1e-12
+        scale = scale if lerp else 1.0
     else:
         lam, momentum = (stack.per_probe(v, (1, U, G, 1)) for v in (stack.lam, stack.momentum))
         lr, lr_decay, scale = stack.lr.copy(), stack.lr_decay, 1.0
@@ -825,11 +826,12 @@ def _distill(
         ]
         for r, (fit, seconds) in enumerate(fit_many(tasks)):
             W_teach = fit.W_best if teacher_checkpoint == "best_test" else fit.W
-            targets[r] = softmax(X_train @ W_teach.T)
+            Z = X_train @ fit.W.T  # training logits: the report's, and the next targets' with "last"
+            targets[r] = softmax(Z if W_teach is fit.W else X_train @ W_teach.T)
             W_prev[r] = W_teach
             if t == 1:
                 teachers.append((W_teach, targets[r]))
-            runs[r].reports.append(_report(name, fit, X_train, y_true, y_given[r], X_test, y_test, seconds))
+            runs[r].reports.append(_report(name, fit, Z, y_true, y_given[r], X_test, y_test, seconds))
             if keep_outputs:
                 runs[r].outputs[name] = targets[r]
     cells = [(r, loss) for r in range(len(runs)) for loss in pll_losses]
@@ -839,17 +841,17 @@ def _distill(
         for r, loss in cells
     ]
     for (r, loss), (fit, seconds) in zip(cells, fit_many(tasks)):
-        name = PLL_ROWS[loss]
-        runs[r].reports.append(_report(name, fit, X_train, y_true, y_given[r], X_test, y_test, seconds))
+        name, Z = PLL_ROWS[loss], X_train @ fit.W.T
+        runs[r].reports.append(_report(name, fit, Z, y_true, y_given[r], X_test, y_test, seconds))
         if keep_outputs:
-            runs[r].outputs[name] = softmax(X_train @ fit.W.T)
+            runs[r].outputs[name] = softmax(Z)
     return runs
 
 
 def _report(
     name: str,
     fit: ProbeFit,
-    X_train: np.ndarray,
+    train_logits: np.ndarray,
     y_true: np.ndarray,
     y_given: np.ndarray,
     X_test: np.ndarray,
@@ -859,13 +861,12 @@ def _report(
     last = accuracy(X_test, fit.W, y_test)
     curve = fit.test_acc_per_epoch
     best = max(float(np.nanmax(curve)), last) if curve is not None and np.isfinite(curve).any() else last
-    Z = X_train @ fit.W.T  # once for the three training-set numbers
     return ModelReport(
         name,
         last,
         best,
-        _logit_accuracy(Z, y_true),
-        _logit_accuracy(Z, y_given),
-        _logit_tie_fraction(Z),
+        _logit_accuracy(train_logits, y_true),
+        _logit_accuracy(train_logits, y_given),
+        _logit_tie_fraction(train_logits),
         seconds,
     )
