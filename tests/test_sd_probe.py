@@ -255,6 +255,53 @@ def test_dual_sgd_with_one_setting_for_all_probes_equals_the_float64_recipe(monk
             assert np.abs(got - want).max() <= 4e-6 * np.abs(want).max()
 
 
+@pytest.mark.parametrize("form", ["primal", "dual"])
+def test_batched_sgd_with_cross_entropy_gce_and_mixed_groups_equals_one_at_a_time(form: str) -> None:
+    """Groups of one loss each (students and PLL students trained together) and a group mixing both:
+    the gradient is formed per run of groups, and every probe still ends where it ends alone."""
+    X, y = _mixture(N=90, D=120 if form == "dual" else 6)
+    Xe, ye = _mixture(N=40, D=X.shape[1], seed=1)
+    rng = np.random.default_rng(5)
+    recipe = SGDRecipe(epochs=5, batch_size=16, lr=0.05)
+    W0 = rng.normal(size=(3, X.shape[1])) * 0.1
+    soft = [two_hot(rng.dirichlet(np.ones(3), size=90)) for _ in range(4)]
+    tasks = [
+        ProbeTask(one_hot(y, 3), 1e-2, recipe, seed=1),  # group 0: cross-entropy
+        ProbeTask(soft[0], 1e-2, recipe, seed=1),
+        ProbeTask(soft[1], 1e-2, recipe, loss="gce", W0=W0, seed=2),  # group 1: GCE
+        ProbeTask(soft[2], 1e-2, recipe, loss="gce", q=0.5, W0=-W0, seed=2),
+        ProbeTask(soft[3], 1e-2, recipe, loss="gce", W0=W0, seed=3),  # group 2: both
+        ProbeTask(one_hot(y, 3), 1e-2, recipe, W0=W0, seed=3),
+    ]
+    calls = []
+    real = probe_module._ProbeStack.logit_grads
+
+    def spy(stack, logits, targets):
+        calls.append(stack._loss_runs)
+        return real(stack, logits, targets)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(probe_module._ProbeStack, "logit_grads", spy)
+        batched = fit_sgd_batched(X, tasks, X_eval=Xe, y_eval=ye, form=form)
+    assert calls[0] == [(0, 1, "ce"), (1, 2, "gce"), (2, 3, "mixed")]
+    for task, fit in zip(tasks, batched):
+        alone = fit_sgd(
+            X,
+            task.targets,
+            task.lam,
+            recipe,
+            loss=task.loss,
+            q=task.q,
+            W0=task.W0,
+            seed=task.seed,
+            X_eval=Xe,
+            y_eval=ye,
+        )
+        np.testing.assert_array_equal(fit.test_acc_per_epoch, alone.test_acc_per_epoch)
+        want = _sgd_float64(X, task)[-1]
+        assert np.abs(fit.W - want).max() <= 4e-6 * np.abs(want).max()
+
+
 @pytest.mark.parametrize("form", ["primal", "dual", "auto"])
 def test_batched_sgd_without_training_rows_keeps_the_initial_weights(form: str) -> None:
     W0 = np.ones((3, 5))
@@ -331,6 +378,44 @@ def test_self_distill_batched_equals_the_runs_one_by_one(solver: str, pll: tuple
     assert runs[0].reports[0].train_acc_given != runs[2].reports[0].train_acc_given  # the cells differ
     with pytest.raises(ValueError, match="one seed per label set: got 4 label sets and 1 seeds"):
         self_distill_batched(X, given, y, Xe, ye, 1e-2, 3, seeds=[0], **kwargs)
+
+
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_pll_students_train_in_round_twos_batch(monkeypatch, rounds: int) -> None:
+    """The PLL students need only the teacher, so they are fit in round 2's batch (one batched call
+    per round); with a single round they follow it. Their reports still come last."""
+    X, y = _mixture(N=60)
+    Xe, ye = _mixture(N=20, seed=1)
+    calls = []
+    real = probe_module.fit_sgd_batched
+
+    def spy(X_, tasks, **kwargs):
+        calls.append(sorted({(task.loss, task.seed % 1000) for task in tasks}))
+        return real(X_, tasks, **kwargs)
+
+    monkeypatch.setattr(probe_module, "fit_sgd_batched", spy)
+    recipe = SGDRecipe(epochs=2, batch_size=16, lr=0.05)
+    runs = self_distill_batched(
+        X,
+        [y, y],
+        y,
+        Xe,
+        ye,
+        1e-2,
+        3,
+        seeds=[0, 1],
+        rounds=rounds,
+        solver="sgd",
+        recipe=recipe,
+        pll_losses=("gce", "ce"),
+    )
+    pll = [("ce", 999), ("gce", 999)]
+    if rounds == 1:
+        assert calls == [[("ce", 1)], pll]
+    else:
+        assert calls == [[("ce", 1)], [("ce", 2), *pll], [("ce", 3)]]
+    names = ["Teacher", *map(str, range(2, rounds + 1)), "PLL", "PLL-CE"]
+    assert all([r.name for r in run.reports] == names for run in runs)
 
 
 def test_best_test_checkpoint_is_the_first_best_epoch_and_teaches_the_next_round() -> None:

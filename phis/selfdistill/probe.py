@@ -390,14 +390,43 @@ class _ProbeStack:
             yield idx, (idx + offsets).view(-1)
 
     def logit_grads(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """d loss / d logits of every probe, [U, B, G, K], each with its own loss (``logit_grad``)."""
+        """d loss / d logits of every probe, [U, B, G, K], each with its own loss (``logit_grad``).
+
+        Groups come in runs of one kind (``_loss_runs``): a run of cross-entropy groups gets p − t in
+        place, a run of GCE groups only the GCE gradient, a group that mixes the losses both, picked per
+        probe. (Students and PLL students trained together are such runs: neither pays for the other.)
+        """
         p = _softmax(logits, dim=3)
         if not self.gce.any():  # p − t, in place
             return p.sub_(targets)
         gce, q = self._gce_settings
-        # p^q as exp(q log p): 60 µs against 300 for pow with a per-probe exponent (p = 0 gives 0 either way)
-        grad = _gce_grad(p, targets, torch.log(p).mul_(q).exp_(), dim=3)
-        return grad if self.gce.all() else torch.where(gce, grad, p.sub_(targets))
+        runs = self._loss_runs
+        for u0, u1, kind in runs:
+            p_u, t_u = p[u0:u1], targets[u0:u1]
+            if kind == "ce":
+                p_u.sub_(t_u)
+                continue
+            # p^q as exp(q log p): 60 µs against 300 for pow with a per-probe exponent (0 at p = 0 either way)
+            grad = _gce_grad(p_u, t_u, torch.log(p_u).mul_(q[u0:u1]).exp_(), dim=3)
+            if kind == "mixed":
+                grad = torch.where(gce[u0:u1], grad, p_u - t_u)
+            if len(runs) == 1:
+                return grad
+            p_u.copy_(grad)
+        return p
+
+    @functools.cached_property
+    def _loss_runs(self) -> list[tuple[int, int, str]]:
+        """Maximal runs [u0, u1) of consecutive groups of one kind: "ce" (no GCE probe, padding
+        included), "gce" (every probe GCE) or "mixed"."""
+        runs: list[list] = []
+        for u, row in enumerate(self.gce):
+            kind = "gce" if row.all() else "mixed" if row.any() else "ce"
+            if runs and runs[-1][2] == kind:
+                runs[-1][1] = u + 1
+            else:
+                runs.append([u, u + 1, kind])
+        return [tuple(run) for run in runs]
 
     @functools.cached_property
     def _gce_settings(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -721,8 +750,9 @@ def self_distill_batched(
 ) -> list[SDRun]:
     """``self_distill`` of every label set y_given[r] (with seed seeds[r]) on the same features.
 
-    With SGD, each round's probes of all label sets, and then all PLL students (every loss), are one
-    ``fit_sgd_batched`` call: a table's (η, seed) cells train together. A run's reports equal
+    With SGD, each round's probes of all label sets are one ``fit_sgd_batched`` call: a table's (η,
+    seed) cells train together, and the PLL students (every loss), which need only the teacher, join
+    round 2's call (a round fewer; with one round they follow it). A run's reports equal
     ``self_distill``'s up to float32 round-off; a model's ``seconds`` is its share of its batch.
     The exact solver fits the probes one by one.
     """
@@ -816,6 +846,18 @@ def _distill(
     targets = [one_hot(y, num_classes) for y in y_given]
     W_prev: list[np.ndarray | None] = [None] * len(runs)
     teachers: list[tuple[np.ndarray, np.ndarray]] = []
+    cells = [(r, loss) for r in range(len(runs)) for loss in pll_losses]
+
+    def pll_tasks() -> list[ProbeTask]:
+        pll_targets = [two_hot(P_t, seed=seed) for (_, P_t), seed in zip(teachers, seeds)]
+        return [
+            ProbeTask(
+                pll_targets[r], lam, recipe, loss=loss, q=q, W0=teachers[r][0], seed=seeds[r] * 1000 + 999
+            )
+            for r, loss in cells
+        ]
+
+    pll_fits: list[tuple[ProbeFit, float]] = []
     for t in range(1, rounds + 1):
         name = "Teacher" if t == 1 else str(t)
         tasks = [
@@ -824,7 +866,11 @@ def _distill(
             )
             for r in range(len(runs))
         ]
-        for r, (fit, seconds) in enumerate(fit_many(tasks)):
+        # The PLL students need only the teacher: they are fit beside round 2, so that a batched fit
+        # trains them in the same stack as the students (their reports still come last).
+        fits = fit_many(tasks + (pll_tasks() if t == 2 else []))
+        pll_fits += fits[len(runs) :]
+        for r, (fit, seconds) in enumerate(fits[: len(runs)]):
             W_teach = fit.W_best if teacher_checkpoint == "best_test" else fit.W
             Z = X_train @ fit.W.T  # training logits: the report's, and the next targets' with "last"
             targets[r] = softmax(Z if W_teach is fit.W else X_train @ W_teach.T)
@@ -834,13 +880,9 @@ def _distill(
             runs[r].reports.append(_report(name, fit, Z, y_true, y_given[r], X_test, y_test, seconds))
             if keep_outputs:
                 runs[r].outputs[name] = targets[r]
-    cells = [(r, loss) for r in range(len(runs)) for loss in pll_losses]
-    pll_targets = [two_hot(P_t, seed=seed) for (_, P_t), seed in zip(teachers, seeds)]
-    tasks = [
-        ProbeTask(pll_targets[r], lam, recipe, loss=loss, q=q, W0=teachers[r][0], seed=seeds[r] * 1000 + 999)
-        for r, loss in cells
-    ]
-    for (r, loss), (fit, seconds) in zip(cells, fit_many(tasks)):
+    if rounds == 1:
+        pll_fits = fit_many(pll_tasks())
+    for (r, loss), (fit, seconds) in zip(cells, pll_fits):
         name, Z = PLL_ROWS[loss], X_train @ fit.W.T
         runs[r].reports.append(_report(name, fit, Z, y_true, y_given[r], X_test, y_test, seconds))
         if keep_outputs:
