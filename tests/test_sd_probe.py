@@ -17,6 +17,7 @@ from phis.selfdistill.blockmodel import block_features
 from phis.selfdistill.corruption import corrupt_labels, corruption_matrix
 from phis.selfdistill.probe import (
     PLL_ROWS,
+    ProbeFit,
     ProbeTask,
     SGDRecipe,
     accuracy,
@@ -123,6 +124,22 @@ def test_fit_probe_rejects_unknown_choices() -> None:
         fit_probe(X, one_hot(y, 3), 1e-2, "exact", loss="gce")
 
 
+def _fit_alone(X: np.ndarray, task: ProbeTask, Xe=None, ye=None) -> ProbeFit:
+    """``fit_sgd`` of one batched task on its own: the reference every batched probe must match."""
+    return fit_sgd(
+        X,
+        task.targets,
+        task.lam,
+        task.recipe,
+        loss=task.loss,
+        q=task.q,
+        W0=task.W0,
+        seed=task.seed,
+        X_eval=Xe,
+        y_eval=ye,
+    )
+
+
 def _sgd_float64(X: np.ndarray, task: ProbeTask) -> list[np.ndarray]:
     """``fit_sgd``'s recipe written out in float64 (same init, same minibatch order): W after each epoch.
     Features and targets are first rounded to float32, as ``fit_sgd`` stores them."""
@@ -173,18 +190,7 @@ def test_batched_sgd_equals_one_probe_at_a_time(form: str, D: int) -> None:
     ]
     batched = fit_sgd_batched(X, tasks, X_eval=Xe, y_eval=ye, form=form)
     for task, fit in zip(tasks, batched):
-        alone = fit_sgd(
-            X,
-            task.targets,
-            task.lam,
-            task.recipe,
-            loss=task.loss,
-            q=task.q,
-            W0=task.W0,
-            seed=task.seed,
-            X_eval=Xe,
-            y_eval=ye,
-        )
+        alone = _fit_alone(X, task, Xe, ye)
         # Both float32 runs against the same SGD in float64: each within 2e-6 of the largest weight (16
         # float32 steps of it; their own gaps to float64 measured 1e-7 to 1.2e-6).
         per_epoch = _sgd_float64(X, task)
@@ -243,9 +249,7 @@ def test_dual_sgd_with_one_setting_for_all_probes_equals_the_float64_recipe(monk
     batched = fit_sgd_batched(X, tasks, X_eval=Xe, y_eval=ye, form="dual")
     assert bool(lerps) == (lam > 0)
     for task, fit in zip(tasks, batched):
-        alone = fit_sgd(
-            X, task.targets, lam, recipe, loss=task.loss, W0=task.W0, seed=task.seed, X_eval=Xe, y_eval=ye
-        )
+        alone = _fit_alone(X, task, Xe, ye)
         np.testing.assert_array_equal(fit.test_acc_per_epoch, alone.test_acc_per_epoch)
         per_epoch = _sgd_float64(X, task)
         best_epoch = int(np.argmax(alone.test_acc_per_epoch))
@@ -285,18 +289,7 @@ def test_batched_sgd_with_cross_entropy_gce_and_mixed_groups_equals_one_at_a_tim
         batched = fit_sgd_batched(X, tasks, X_eval=Xe, y_eval=ye, form=form)
     assert calls[0] == [(0, 1, "ce"), (1, 2, "gce"), (2, 3, "mixed")]
     for task, fit in zip(tasks, batched):
-        alone = fit_sgd(
-            X,
-            task.targets,
-            task.lam,
-            recipe,
-            loss=task.loss,
-            q=task.q,
-            W0=task.W0,
-            seed=task.seed,
-            X_eval=Xe,
-            y_eval=ye,
-        )
+        alone = _fit_alone(X, task, Xe, ye)
         np.testing.assert_array_equal(fit.test_acc_per_epoch, alone.test_acc_per_epoch)
         want = _sgd_float64(X, task)[-1]
         assert np.abs(fit.W - want).max() <= 4e-6 * np.abs(want).max()
@@ -337,7 +330,7 @@ def test_batched_sgd_with_one_momentum_and_idle_probes_equals_one_at_a_time(form
         ProbeTask(one_hot(rng.integers(0, 3, 90), 3), 0.0, recipe, seed=8),
     ]
     for task, fit in zip(tasks, fit_sgd_batched(X, tasks, form=form)):
-        alone = fit_sgd(X, task.targets, task.lam, task.recipe, seed=task.seed)
+        alone = _fit_alone(X, task)
         np.testing.assert_allclose(fit.W, alone.W, rtol=1e-5, atol=1e-6 * np.abs(alone.W).max())
 
 
