@@ -16,6 +16,7 @@ from phis.selfdistill.corruption import (
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
 def _reference_matrix(kind: str, K: int, eta: float, sup: np.ndarray | None = None) -> np.ndarray:
     """Entry-by-entry transcription of SPEC §3, for comparison."""
     C = np.zeros((K, K))

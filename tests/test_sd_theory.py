@@ -27,6 +27,7 @@ from phis.selfdistill.theory import (
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
 def _all_correct(P: np.ndarray, y: np.ndarray) -> bool:
     """True class is the strict argmax of every row of P [N, K]."""
     rest = P.copy()

@@ -138,8 +138,12 @@ def target_channel_stats(
     m0, mu = centred(q)  # type: ignore[misc]
     target_sq = g_var - float(np.var(mu))
     p = math.exp(
-        _bisect(lambda lp: np.mean(stds(math.exp(lp)) ** 2) - target_sq, math.log(1e-6), math.log(1e6),
-                "std exponent p")
+        _bisect(
+            lambda lp: np.mean(stds(math.exp(lp)) ** 2) - target_sq,
+            math.log(1e-6),
+            math.log(1e6),
+            "std exponent p",
+        )
     )
     return mu, stds(p), {"p": p, "q": q, "m0": float(m0), "mean_share": float(np.var(mu)) / g_var}
 
@@ -208,7 +212,12 @@ class StatsMatchedTeacher(Teacher):
         self._freeze()
         log.info(
             "teacher %s: %s features matched to PHI-S Table 7 row %s (p=%.3g, q=%.3g, mean share %.3g)",
-            name, base.get("family"), row, self.shape["p"], self.shape["q"], self.shape["mean_share"],
+            name,
+            base.get("family"),
+            row,
+            self.shape["p"],
+            self.shape["q"],
+            self.shape["mean_share"],
         )
 
     @torch.no_grad()
