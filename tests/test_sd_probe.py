@@ -125,19 +125,9 @@ def test_fit_probe_rejects_unknown_choices() -> None:
 
 
 def _fit_alone(X: np.ndarray, task: ProbeTask, Xe=None, ye=None) -> ProbeFit:
-    """``fit_sgd`` of one batched task on its own: the reference every batched probe must match."""
-    return fit_sgd(
-        X,
-        task.targets,
-        task.lam,
-        task.recipe,
-        loss=task.loss,
-        q=task.q,
-        W0=task.W0,
-        seed=task.seed,
-        X_eval=Xe,
-        y_eval=ye,
-    )
+    """One batched task fit on its own by the one-by-one path (``fit_sgd`` with the task's fields): the
+    reference every batched probe must match."""
+    return probe_module._fit_task(X, task, "sgd", 1e-8, Xe, ye)
 
 
 def _sgd_float64(X: np.ndarray, task: ProbeTask) -> list[np.ndarray]:
