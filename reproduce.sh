@@ -77,7 +77,7 @@ START=$SECONDS
 if [[ "$PROFILE" == paper_tiny && $DRY_RUN == 0 ]]; then
   # the paper profile's PHIS_* data variables, pointed at stand-ins written from the offline photos
   echo "[reproduce] paper_tiny: stand-in shards and ImageNet/ADE20k/VOC folders in $RUNS/$PROFILE/data"
-  eval "$("$PY" -m experiments.standins "$RUNS/$PROFILE/data")"
+  eval "$("$PY" -m experiments.phis.standins "$RUNS/$PROFILE/data")"
 fi
 
 stage() { echo; echo "=== [reproduce $PROFILE] $* ($(( SECONDS - START )) s elapsed)"; }
@@ -85,7 +85,7 @@ stage() { echo; echo "=== [reproduce $PROFILE] $* ($(( SECONDS - START )) s elap
 if [[ $DRY_RUN == 1 ]]; then
   if [[ "$ONLY" == all || "$ONLY" == phis ]]; then
     stage "dry run: composing every PHI-S job config"
-    "$PY" -m experiments.phis_tables dry-run --profile "$PROFILE" "${DRY_LAUNCH[@]}" \
+    "$PY" -m experiments.phis.tables dry-run --profile "$PROFILE" "${DRY_LAUNCH[@]}" \
       "reproduce.runs=$RUNS" "reproduce.tables=$RESULTS/phis"
   fi
   if [[ "$ONLY" == phis_matched ]]; then
@@ -94,7 +94,7 @@ if [[ $DRY_RUN == 1 ]]; then
   fi
   if [[ "$ONLY" == all || "$ONLY" == sd ]]; then
     stage "dry run: listing every SD-PLL job of profile $PROFILE (and whether its data is ready)"
-    "$PY" -m experiments.selfdistill dry-run --profile "$PROFILE" --sweeps "$RUNS/$PROFILE/selfdistill"
+    "$PY" -m experiments.selfdistill.study dry-run --profile "$PROFILE" --sweeps "$RUNS/$PROFILE/selfdistill"
   fi
   stage "dry run done: every job config resolves"
   exit 0
@@ -105,7 +105,7 @@ phis_sweep() {  # $1: experiment; a failed job stops the sweep, so aggregate wha
   stage "PHI-S: $exp multirun -> $sweep"
   if ! "$PY" -m phis.train -m "experiment=$exp" "${COMMON[@]}"; then
     echo "[reproduce] $exp: a job failed; tables from what finished, then stopping (rerun to retry)" >&2
-    "$PY" -m experiments.phis_tables aggregate "$sweep" "$RESULTS/phis" || true
+    "$PY" -m experiments.phis.tables aggregate "$sweep" "$RESULTS/phis" || true
     exit 1
   fi
 }
@@ -131,7 +131,7 @@ phis_lanes() {  # $1: experiment, $2: seeds (a,b,...), $3: tables dir; the metho
     if ! wait "${pids[$lane]}"; then failed=1; echo "[reproduce] lane $lane failed; see its log" >&2; fi
   done
   stage "PHI-S: aggregating $sweep"
-  "$PY" -m experiments.phis_tables aggregate "$sweep" "$out"
+  "$PY" -m experiments.phis.tables aggregate "$sweep" "$out"
   if [[ $failed == 1 ]]; then echo "[reproduce] a job failed; rerun to retry it" >&2; exit 1; fi
 }
 
@@ -147,7 +147,7 @@ if [[ "$ONLY" == all || "$ONLY" == phis ]]; then
   fi
   phis_sweep phis_analyses
   stage "PHI-S: the paper's claims on this sweep -> $RESULTS/phis/claims.md"
-  "$PY" -m experiments.phis_claims "$RUNS/$PROFILE/phis_methods" "$RESULTS/phis"
+  "$PY" -m experiments.phis.claims "$RUNS/$PROFILE/phis_methods" "$RESULTS/phis"
   if [[ "$LAUNCHER" == slurm ]]; then
     echo "[reproduce] SLURM: each sweep's tables are written by its on_multirun_end hook on this host"
   fi
@@ -166,8 +166,8 @@ if [[ "$ONLY" == phis_matched ]]; then
       "reproduce.tables=$matched_out" || { echo "[reproduce] a matched job failed; rerun to retry" >&2; exit 1; }
   fi
   stage "PHI-S matched: analyses and the paper's claims -> $matched_out"
-  "$PY" -m experiments.phis_tables analyses "$RUNS/$PROFILE/phis_methods_matched" "$matched_out"
-  "$PY" -m experiments.phis_claims "$RUNS/$PROFILE/phis_methods_matched" "$matched_out"
+  "$PY" -m experiments.phis.tables analyses "$RUNS/$PROFILE/phis_methods_matched" "$matched_out"
+  "$PY" -m experiments.phis.claims "$RUNS/$PROFILE/phis_methods_matched" "$matched_out"
 fi
 
 if [[ "$ONLY" == all || "$ONLY" == sd ]]; then
@@ -175,7 +175,7 @@ if [[ "$ONLY" == all || "$ONLY" == sd ]]; then
   # PHIS_<DATASET>_ROOT or PHIS_SD_DATA_ROOT/<dataset>, the ResNet34 weights from PHIS_RESNET34_WEIGHTS.
   # Each sweep trains its jobs' probes in batches (phis.selfdistill.sweep), then runs its multirun.
   stage "SD-PLL: $PROFILE study -> $RESULTS/selfdistill"
-  "$PY" -m experiments.selfdistill run --profile "$PROFILE" --out "$RESULTS/selfdistill" \
+  "$PY" -m experiments.selfdistill.study run --profile "$PROFILE" --out "$RESULTS/selfdistill" \
     --sweeps "$RUNS/$PROFILE/selfdistill"
 fi
 

@@ -46,11 +46,15 @@ def stage_plan(cfg: DictConfig) -> StagePlan:
     )
 
 
-def build_datamodule(cfg: DictConfig) -> DistillDataModule:
+def build_datamodule(cfg: DictConfig, plan: StagePlan | None = None) -> DistillDataModule:
     """Image sets of the data group plus the teacher set, served with cached targets; the training set
-    is also built at every other image size the stages use."""
-    # Without stages the data module serves one open-ended stage (no trainer config needed).
-    plan = stage_plan(cfg) if cfg.get("stages") else None
+    is also built at every other image size the stages use.
+
+    ``plan``: the run's stages, built once by the caller (training) and shared with ``build_module``;
+    without it the stages of ``cfg`` are built here, and a config without stages gets one open-ended
+    stage (evaluation needs no trainer config)."""
+    if plan is None and cfg.get("stages"):
+        plan = stage_plan(cfg)
     train = instantiate(cfg.data.train)
     sizes = set()
     if plan is not None:
@@ -67,15 +71,18 @@ def build_datamodule(cfg: DictConfig) -> DistillDataModule:
         cache_dtype=cfg.cache.dtype,
         cache_batch_size=cfg.cache.batch_size,
         seed=cfg.seed,
-        stages=plan.to_config() if plan is not None else None,
+        plan=plan,
         stage_sets={size: instantiate(cfg.data.train, size=size) for size in sizes - {int(train.size)}},
     )
 
 
-def build_module(cfg: DictConfig, specs: dict[str, dict[str, Any]]) -> DistillModule:
-    """The LightningModule for the chosen student, method and optimizer."""
+def build_module(
+    cfg: DictConfig, specs: dict[str, dict[str, Any]], plan: StagePlan | None = None
+) -> DistillModule:
+    """The LightningModule for the chosen student, method and optimizer (``plan``: the run's stages, as
+    handed to ``build_datamodule``; built from ``cfg`` when not given)."""
     values = OmegaConf.to_container(cfg, resolve=True)
-    plan = stage_plan(cfg)
+    plan = plan or stage_plan(cfg)
     return DistillModule(
         teachers={n: {**s, "grid": list(s["grid"])} for n, s in specs.items()},
         student=values["student"],
@@ -86,6 +93,7 @@ def build_module(cfg: DictConfig, specs: dict[str, dict[str, Any]]) -> DistillMo
         max_steps=plan.total_steps,
         seed=cfg.seed,
         stages=plan.to_config(),
+        plan=plan,
     )
 
 

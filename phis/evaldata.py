@@ -7,7 +7,7 @@ Offline sets (no download; deterministic for a given seed):
   70/30 split (fixed seed) gives train/test. Class names are the number words ("zero" …), so CLIP-type
   zero-shot prompts read "a photo of a seven.".
 - ``photos``: square crops of 14 photos shipped with scikit-image, scikit-learn and matplotlib (read
-  with ``phis.data.load_source``), each labelled by its source photo ("cat", "rocket", "brick wall",
+  with ``phis.photos.load_source``), each labelled by its source photo ("cat", "rocket", "brick wall",
   …). Every photo is cut into a 3×3 grid of cells; one cell per row and column (a Latin-square
   pattern) is held out for ``test``, the other six give ``train``, and a crop always lies inside a
   single cell, so train and test pixels never overlap. Crops take 60–100 % of the cell's shorter side
@@ -62,7 +62,7 @@ ADE20K_NUM_CLASSES = 150
 _TEST_CELLS = frozenset({(0, 1), (1, 2), (2, 0)})
 
 
-# (class name used in prompts, photo in phis.data.SOURCES); the order fixes the label indices.
+# (class name used in prompts, photo in phis.photos.SOURCES); the order fixes the label indices.
 PHOTO_SOURCES: tuple[tuple[str, str], ...] = (
     ("astronaut", "astronaut"),
     ("cat", "chelsea"),
@@ -95,7 +95,7 @@ def _check_size(size: int) -> None:
 @cache
 def _photo(index: int) -> Tensor:
     """Source photo ``index`` as float RGB [3, H, W] in [0, 1]."""
-    from phis.data import load_source
+    from phis.photos import load_source
 
     img = load_source(PHOTO_SOURCES[index][1])  # uint8 [H, W, 3]
     return torch.from_numpy(img.copy()).permute(2, 0, 1).float() / 255.0

@@ -95,9 +95,10 @@ class DistillModule(pl.LightningModule):
         max_steps: int,
         seed: int = 0,
         stages: Sequence[Mapping[str, Any]] | None = None,
+        plan: StagePlan | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["plan"])
         d = dict(distill)
         d.setdefault("partitions", "shared")
         d.setdefault("target_memo_mb", 0)  # checkpoints from before the memo existed
@@ -117,8 +118,11 @@ class DistillModule(pl.LightningModule):
             for name, spec in teachers.items()
         }
         self.student = MultiTeacherViT(self.teacher_specs, **student)
-        # Without stages (older callers): one stage of max_steps; its batch is checked when it arrives.
-        self.plan = StagePlan.from_config(
+        # The run's plan as built once for the data module too; from the hyperparameters when a
+        # checkpoint is loaded. Without stages: one stage of max_steps, its batch checked when it arrives.
+        if plan is not None and stages is not None and plan.to_config() != list(stages):
+            raise ValueError(f"the stage plan {plan.to_config()} and the stages {list(stages)} differ")
+        self.plan = plan or StagePlan.from_config(
             stages,
             max_steps=max_steps,
             image_size=int(student.get("img_size", 0)) or None,

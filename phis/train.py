@@ -37,7 +37,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from phis.build import build_datamodule, build_module, check_resume, stage_plan
 from phis.data import DistillDataModule
-from phis.eval import EvalConfig, evaluate_module
+from phis.eval import evaluate_module
+from phis.evalconfig import EvalConfig
 from phis.module import DistillModule
 from phis.results import (
     RESULTS_FILE,
@@ -264,13 +265,14 @@ def fit(cfg: DictConfig, callbacks: Sequence[Callback], mirror: JobMirror) -> Fi
     if resume is None:  # missing initial weights fail now, not after the teachers are built
         check_pretrained(cfg.student.model, cfg.student.get("pretrained"))
     start = time.perf_counter()
-    dm = build_datamodule(cfg)
+    plan = stage_plan(cfg)  # one plan for the data module, the module and the trainer
+    dm = build_datamodule(cfg, plan)
     specs = dm.teacher_specs()
     cache_s = time.perf_counter() - start
     # Teachers built for missing cache entries draw from the global generators; seed again so that the
     # student's initialization (and all that follows) does not depend on whether the cache existed.
     pl.seed_everything(cfg.seed, workers=True)
-    module = build_module(cfg, specs)
+    module = build_module(cfg, specs, plan)
     if resume is not None:
         check_resume(resume, module)
         log.info("resuming from %s", resume)
@@ -292,7 +294,7 @@ def fit(cfg: DictConfig, callbacks: Sequence[Callback], mirror: JobMirror) -> Fi
     bars = [TQDMProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
-        max_steps=stage_plan(cfg).total_steps,  # trainer.max_steps, or the stages' sum
+        max_steps=plan.total_steps,  # trainer.max_steps, or the stages' sum
         logger=logger,
         callbacks=[checkpoint, *bars, *callbacks],
         default_root_dir=str(out),

@@ -1,10 +1,10 @@
-"""experiments.bench_gpu runs end to end at toy sizes on the CPU (the GPU numbers need a GPU)."""
+"""experiments.bench.gpu runs end to end at toy sizes on the CPU (the GPU numbers need a GPU)."""
 
 from pathlib import Path
 
 import pytest
 
-from experiments import bench_gpu
+from experiments.bench import gpu as bench_gpu
 
 
 def test_tiny_cpu_benchmark_reports_every_part(tmp_path: Path) -> None:

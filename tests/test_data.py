@@ -6,16 +6,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from phis.data import (
-    SOURCES,
-    TEST_SOURCES,
-    DistillDataModule,
-    ImageFolder,
-    OfflineImagePool,
-    StepBatchSampler,
-    load_source,
-    split_sources,
-)
+from phis.data import DistillDataModule, ImageFolder, StepBatchSampler
+from phis.photos import SOURCES, TEST_SOURCES, OfflineImagePool, load_source, split_sources
 
 
 def test_pool_is_deterministic_and_index_stable() -> None:

@@ -10,7 +10,8 @@ import torch
 from sklearn.metrics import jaccard_score
 from torch import nn
 
-from phis.eval import EvalConfig, evaluate_module
+from phis.eval import evaluate_module
+from phis.evalconfig import EvalConfig
 from phis.evaldata import (
     ImageFolderSet,
     ade20k_set,
@@ -591,7 +592,7 @@ def test_evaluate_module_end_to_end(tmp_path) -> None:
     assert not rec["skipped"] and module.training  # training mode restored
     assert rec["details"]["tmse"] == {"heldout": "given"}
     # teachers only: held-out images are the offline pool's unseen photos, targets from the teachers
-    from phis.data import OfflineImagePool
+    from phis.photos import OfflineImagePool
 
     only = evaluate_module(module, {"knn_sets": [], "seg_sets": [], "heldout_images": 8}, teachers=teachers)
     pool = torch.stack([OfflineImagePool("test", 32, 8)[i] for i in range(8)])
@@ -742,7 +743,7 @@ def test_evaluate_module_from_a_training_config(tmp_path) -> None:
 
     from phis.build import build_datamodule
 
-    pool = {"_target_": "phis.data.OfflineImagePool", "size": 32, "count": 8}
+    pool = {"_target_": "phis.photos.OfflineImagePool", "size": 32, "count": 8}
     cfg = OmegaConf.create(
         {
             "teachers": {
@@ -805,7 +806,7 @@ def test_eval_group_lists_every_option_with_the_dataclass_default() -> None:
 
 
 def test_imagenet_class_names_and_prompt_ensembles(tmp_path) -> None:
-    from phis.eval import _class_names, prompts
+    from phis.evalconfig import class_names, prompts
     from phis.evaldata import PROMPT_SETS, imagenet_class_names, prompt_templates
 
     names = imagenet_class_names()
@@ -823,15 +824,15 @@ def test_imagenet_class_names_and_prompt_ensembles(tmp_path) -> None:
         EvalConfig.from_mapping({"prompt_set": "nope"})
 
     plain, imagenet = EvalConfig(), EvalConfig(imagenet_labels=True)
-    assert prompts(plain, "image_folder") == ("a photo of a {c}.",) and _class_names(plain) is None
+    assert prompts(plain, "image_folder") == ("a photo of a {c}.",) and class_names(plain) is None
     assert prompts(imagenet, "image_folder") == ensembles["openai_imagenet"]
     assert prompts(imagenet, "photos") == imagenet.templates  # other sets keep eval.templates
     assert prompts(EvalConfig(prompt_set="simple_imagenet"), "digits") == ensembles["simple_imagenet"]
-    assert _class_names(imagenet) == names
+    assert class_names(imagenet) == names
     for cls in ("n01", "n02"):
         _write_image(tmp_path / "train" / cls / "0.jpg")
     with pytest.raises(ValueError, match="1000 class names given for 2 class folders"):
-        classification_set("image_folder", "train", 8, str(tmp_path), None, 0, _class_names(imagenet))
+        classification_set("image_folder", "train", 8, str(tmp_path), None, 0, class_names(imagenet))
 
 
 def test_a_setting_added_later_at_its_default_keeps_a_run_evaluated(tmp_path) -> None:

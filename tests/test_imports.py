@@ -80,6 +80,15 @@ def test_phis_has_no_import_cycle() -> None:
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+def test_teachers_stay_below_the_data_and_training_floors() -> None:
+    """Teachers are built by the data module and the module; they read images through ``phis.photos``
+    and never import the floors above them."""
+    graph = import_graph()
+    above = {"phis.data", "phis.module", "phis.build", "phis.train", "phis.eval", "phis.shards"}
+    teachers = {m: graph[m] & above for m in graph if m.startswith("phis.teachers")}
+    assert teachers and not any(teachers.values()), {m: sorted(v) for m, v in teachers.items() if v}
+
+
 @pytest.mark.parametrize("module", ["phis.train", "phis.eval", "phis.build"])
 def test_entry_modules_import_first_in_a_fresh_interpreter(module) -> None:
     """No module depends on another being imported before it."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from phis.data import OfflineImagePool
+from phis.photos import OfflineImagePool
 from phis.stats import TABLE7_KEYS, ChannelMoments, activation_stats
 from phis.teachers import build_teacher
 from phis.teachers.matched import fit_affine_map, table7_rows, target_channel_stats

@@ -1,4 +1,4 @@
-"""The normalization report (`python -m experiments.normalization_report`): figures and report are
+"""The normalization report (`python -m experiments.phis.normalization_report`): figures and report are
 written, its checks pass, and they can fail."""
 
 import math
@@ -6,10 +6,11 @@ import math
 import pytest
 import torch
 
-from experiments import normalization_report as report
-from experiments.normalization_report import (
+from experiments.phis import hadamard_coverage as coverage
+from experiments.phis import normalization_report as report
+from experiments.phis.hadamard_coverage import coverage_summary
+from experiments.phis.normalization_report import (
     Check,
-    coverage_summary,
     exact_moment_points,
     fit_normalizer,
     numeric_checks,
@@ -130,8 +131,8 @@ def test_exact_moment_points_and_radius_profile() -> None:
 def test_reference_rule_reproduces_354() -> None:
     cov = coverage_summary()
     assert len(cov["orders"]) == 512
-    assert len(cov["reference"]) == report.REFERENCE_COVERAGE
+    assert len(cov["reference"]) == coverage.REFERENCE_COVERAGE
     assert set(cov["reference"]) < set(cov["ours"])
-    assert len(cov["ours"]) > report.REFERENCE_COVERAGE
+    assert len(cov["ours"]) > coverage.REFERENCE_COVERAGE
     assert sum(cov["families"].values()) == len(cov["ours"])
     assert 668 in cov["missing"] and 52 not in cov["reference"] and 52 in cov["ours"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from experiments.paper_analyses import (
+from experiments.phis.analyses import (
     activation_stats_table,
     alpha_table,
     channel_loss_histograms,

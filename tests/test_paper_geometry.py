@@ -1,11 +1,11 @@
-"""experiments.check_paper_geometry: the tiny run passes, a wrong geometry fails it; the real one (slow)."""
+"""experiments.checks.paper_geometry: the tiny run passes, a wrong geometry fails it; the real one (slow)."""
 
 import dataclasses
 from pathlib import Path
 
 import pytest
 
-from experiments import check_paper_geometry as geometry
+from experiments.checks import paper_geometry as geometry
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader
 
-from experiments import standins
-from experiments.phis_index import INDEX_FILES
+from experiments.phis import standins
+from experiments.phis.index import INDEX_FILES
 from phis.evaldata import IGNORE_INDEX, ade20k_set, collage_set, voc_set
 from phis.shards import HeldoutImages, ShardStream
 

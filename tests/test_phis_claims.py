@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.phis_claims import alpha_claim, claims, downstream_metric_noise, paired
-from experiments.phis_runs import METHODS_10, Run
+from experiments.phis.claims import alpha_claim, claims, downstream_metric_noise, paired
+from experiments.phis.runs import METHODS_10, Run
 
 TEACHERS = {"dfn_like": 1e-3, "sam_like": 30.0}  # held-out target variance
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from experiments import phis_tables
-from experiments.phis_dry_run import dry_run, sweep_points
-from experiments.phis_table_writers import fmt
+from experiments.phis import tables as phis_tables
+from experiments.phis.dry_run import dry_run, sweep_points
+from experiments.phis.table_writers import fmt
 from phis.ranks import spearman
 
 ROOT = Path(__file__).resolve().parents[1]

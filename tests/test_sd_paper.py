@@ -14,7 +14,7 @@ import pytest
 import sd_standins
 import torch
 
-from experiments import selfdistill as study
+from experiments.selfdistill import study
 from phis.results import RESULTS_FILE, collect_results
 from phis.selfdistill import features as feat
 from phis.selfdistill import sweep

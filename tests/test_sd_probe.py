@@ -10,9 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from phis.selfdistill import batched as sd_batched
 from phis.selfdistill import features as feat
-from phis.selfdistill import probe as probe_module
+from phis.selfdistill import rounds as sd_rounds
 from phis.selfdistill import theory
+from phis.selfdistill.batched import fit_sgd_batched
 from phis.selfdistill.blockmodel import block_features
 from phis.selfdistill.corruption import corrupt_labels, corruption_matrix
 from phis.selfdistill.probe import (
@@ -24,14 +26,12 @@ from phis.selfdistill.probe import (
     fit_gce_full_batch,
     fit_probe,
     fit_sgd,
-    fit_sgd_batched,
     objective,
     one_hot,
-    self_distill,
-    self_distill_batched,
     tie_fraction,
     two_hot,
 )
+from phis.selfdistill.rounds import self_distill, self_distill_batched
 from phis.selfdistill.run import run_job, validate
 from phis.selfdistill.theory import softmax
 
@@ -127,7 +127,7 @@ def test_fit_probe_rejects_unknown_choices() -> None:
 def _fit_alone(X: np.ndarray, task: ProbeTask, Xe=None, ye=None) -> ProbeFit:
     """One batched task fit on its own by the one-by-one path (``fit_sgd`` with the task's fields): the
     reference every batched probe must match."""
-    return probe_module._fit_task(X, task, "sgd", 1e-8, Xe, ye)
+    return sd_rounds._fit_task(X, task, "sgd", 1e-8, Xe, ye)
 
 
 def _sgd_float64(X: np.ndarray, task: ProbeTask) -> list[np.ndarray]:
@@ -203,12 +203,12 @@ def test_written_out_softmax_equals_torch_softmax_with_and_without_the_shift() -
     reaches 64 (unshifted, 1,000 would overflow), NaN kept, no rows at all."""
     z = torch.randn(3, 5, 4, 10, generator=torch.Generator().manual_seed(0)) * 5
     for logits in (z, z + 1000.0, z * 30):
-        got, want = probe_module._softmax(logits, dim=3), torch.softmax(logits, dim=3)
+        got, want = sd_batched._softmax(logits, dim=3), torch.softmax(logits, dim=3)
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     z[0, 0, 0, 0] = math.nan
-    assert torch.isnan(probe_module._softmax(z, dim=3)[0, 0, 0]).all()
-    assert probe_module._softmax(torch.empty(0, 10), dim=1).shape == (0, 10)
+    assert torch.isnan(sd_batched._softmax(z, dim=3)[0, 0, 0]).all()
+    assert sd_batched._softmax(torch.empty(0, 10), dim=1).shape == (0, 10)
 
 
 @pytest.mark.parametrize("lam", [1e-2, 0.0])
@@ -268,14 +268,14 @@ def test_batched_sgd_with_cross_entropy_gce_and_mixed_groups_equals_one_at_a_tim
         ProbeTask(one_hot(y, 3), 1e-2, recipe, W0=W0, seed=3),
     ]
     calls = []
-    real = probe_module._ProbeStack.logit_grads
+    real = sd_batched._ProbeStack.logit_grads
 
     def spy(stack, logits, targets):
         calls.append(stack._loss_runs)
         return real(stack, logits, targets)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(probe_module._ProbeStack, "logit_grads", spy)
+        mp.setattr(sd_batched._ProbeStack, "logit_grads", spy)
         batched = fit_sgd_batched(X, tasks, X_eval=Xe, y_eval=ye, form=form)
     assert calls[0] == [(0, 1, "ce"), (1, 2, "gce"), (2, 3, "mixed")]
     for task, fit in zip(tasks, batched):
@@ -296,9 +296,9 @@ def test_batched_sgd_without_training_rows_keeps_the_initial_weights(form: str) 
 def test_auto_form_is_dual_with_fewer_training_rows_than_features(monkeypatch) -> None:
     trained = []
     for name in ("_train_primal", "_train_dual"):
-        real = getattr(probe_module, name)
+        real = getattr(sd_batched, name)
         monkeypatch.setattr(
-            probe_module, name, lambda stack, real=real, name=name: trained.append(name) or real(stack)
+            sd_batched, name, lambda stack, real=real, name=name: trained.append(name) or real(stack)
         )
     recipe = SGDRecipe(epochs=2, batch_size=8)
     for D in (40, 30, 6):  # N = 30 rows
@@ -370,13 +370,13 @@ def test_pll_students_train_in_round_twos_batch(monkeypatch, rounds: int) -> Non
     X, y = _mixture(N=60)
     Xe, ye = _mixture(N=20, seed=1)
     calls = []
-    real = probe_module.fit_sgd_batched
+    real = sd_rounds.fit_sgd_batched
 
     def spy(X_, tasks, **kwargs):
         calls.append(sorted({(task.loss, task.seed % 1000) for task in tasks}))
         return real(X_, tasks, **kwargs)
 
-    monkeypatch.setattr(probe_module, "fit_sgd_batched", spy)
+    monkeypatch.setattr(sd_rounds, "fit_sgd_batched", spy)
     recipe = SGDRecipe(epochs=2, batch_size=16, lr=0.05)
     runs = self_distill_batched(
         X,
@@ -608,7 +608,7 @@ def test_job_records_both_accuracies_and_true_label_training_accuracy(tmp_path) 
 
 
 def test_best_test_job_is_recorded_and_its_tables_say_so(tmp_path) -> None:
-    from experiments.selfdistill import write_accuracy_tables
+    from experiments.selfdistill.study import write_accuracy_tables
 
     sgd = {"name": "sgd", "epochs": 4, "batch_size": 32, "lr": 0.05, "momentum": 0.9, "lr_decay": 0.98}
     over = {"sd.features.n_test": 5, "sd.solver": sgd, "sd.rounds": 2, "sd.teacher_checkpoint": "best_test"}
@@ -731,7 +731,7 @@ def test_resnet34_extraction_path_on_fake_data(tmp_path) -> None:
 
 def test_bench_report_lists_every_run_and_reads_a_single_stored_run(tmp_path) -> None:
     """bench.md has one row per run and batched thread count; bench.json of one run (a dict) still renders."""
-    from experiments.bench_selfdistill import write_report
+    from experiments.bench.selfdistill import write_report
 
     def run(seconds: float) -> dict:
         agree = {"accuracy_values_compared": 6, "accuracy_values_different": 0}

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf, open_dict
 
-from experiments import selfdistill as study
+from experiments.selfdistill import study
 from phis.results import collect_results
 from phis.selfdistill.run import validate
 

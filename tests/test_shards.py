@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from phis.data import OfflineImagePool, heldout_set
+from phis.data import heldout_set
+from phis.photos import OfflineImagePool
 from phis.shards import HeldoutImages, ShardStream, expand_urls
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -422,7 +422,7 @@ def test_two_process_gloo_all_reduce_matches_concatenated(tmp_path):
 
 @pytest.mark.slow
 def test_bench_stats_reports_ratio_and_accuracy():
-    from experiments.bench_stats import run
+    from experiments.bench.stats import run
 
     rows, notes, ratios = run([40], tokens=6000, batch=2048, max_inmem_gb=1.0, seed=0, threads=1)
     assert set(ratios) == {40} and ratios[40] > 0

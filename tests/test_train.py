@@ -64,6 +64,27 @@ def final_state(out: Path) -> dict[str, torch.Tensor]:
     return torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
 
 
+def test_one_stage_plan_is_built_per_run_and_shared(tmp_path, cache_dir, monkeypatch) -> None:
+    """The run's stages are read from the config once and the same plan serves data, module and trainer."""
+    from phis.stages import StagePlan
+
+    built, seen = [], {}
+    real = StagePlan.from_config.__func__
+
+    def counting(cls, *args, **kwargs):
+        built.append(kwargs.get("max_steps"))
+        return real(cls, *args, **kwargs)
+
+    class Record(Callback):
+        def on_train_start(self, trainer, module) -> None:
+            seen["module"], seen["data"] = module.plan, trainer.datamodule.plan
+
+    monkeypatch.setattr(StagePlan, "from_config", classmethod(counting))
+    train(make_cfg(tmp_path, cache_dir, "trainer.max_steps=2"), callbacks=[Record()])
+    assert built == [2]
+    assert seen["module"] is seen["data"]
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_and_reports(method: str, tmp_path, cache_dir) -> None:
     # one run also caps the training-fit diagnostic (eval.train_fit_limit); held-out splits stay whole
@@ -152,8 +173,8 @@ def test_uncached_teachers_run_every_step(tmp_path, cache_dir) -> None:
 def test_paper_analyses_work_without_a_teacher_cache(tmp_path, cache_dir) -> None:
     """cache.enabled=false (the paper profile's setting): Tables 7-9 and Figs. 1, 2, 9 come from the
     teachers on a capped training sample, and the index says why each missing table is missing."""
-    from experiments import phis_tables
-    from experiments.phis_runs import teacher_features
+    from experiments.phis import tables as phis_tables
+    from experiments.phis.runs import teacher_features
     from phis.stats import activation_stats, token_moments
 
     run = tmp_path / "sweep" / "phi_s" / "seed_0"

@@ -1,4 +1,4 @@
-"""Linear softmax probes without bias, and the SD-PLL training procedures built from them.
+"""Linear softmax probes without bias: labels, objectives and fitting one probe.
 
 A probe W [K, D] maps features X [N, D] to logits X Wᵀ and is fit to minimize
 (1/N) Σ_i loss(target_i, softmax(W φ_i)) + (λ/2) ‖W‖². Two ways to fit:
@@ -8,26 +8,14 @@ A probe W [K, D] maps features X [N, D] to logits X Wᵀ and is fit to minimize
   weight decay = λ) in float32, minibatches sliced from one shuffled tensor per epoch, with analytic
   gradients (the update equals ``torch.optim.SGD`` with the same settings).
 
-``fit_sgd_batched`` trains M such probes on one shared X as one stacked problem (weights [M, K, D], one
-batched matmul each way per step), each with its own targets, seed, loss, schedule and weight decay;
-every probe ends where ``fit_sgd`` alone would, up to float32 round-off. Probes with the same seed draw
-the same minibatch order, so each order is gathered once and its probes share the matmul. With fewer
-training rows than features it trains the weights' coefficients on the (centred) training rows
-instead, the same SGD with one batched matmul per step.
-
-``self_distill`` runs a teacher on the given labels, then students that each start from scratch on
-the previous round's training-set softmax outputs (temperature 1), and optionally the PLL student:
-top-2 classes of the teacher's softmax, ½ each, initialized from the teacher. ``self_distill_batched``
-does the same for many label sets at once, training each round's probes of all of them together.
+Many probes on one feature matrix train together in ``phis.selfdistill.batched``; the self-distillation
+rounds built from probes are in ``phis.selfdistill.rounds``.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -66,33 +54,6 @@ class ProbeFit:
 
 
 # Which weights of a round teach the next round and the PLL student: the last epoch's (ours, honest), or
-# those of the epoch with the best test accuracy (the official SD-PLL code's choice, selected on test).
-TEACHER_CHECKPOINTS = ("last", "best_test")
-
-
-@dataclass
-class ModelReport:
-    """Accuracies of one model of a self-distillation run (fractions in [0, 1]).
-
-    ``test_acc_best`` is the best test accuracy over epochs (the official code's selection on the test
-    set); for full-batch solvers there are no epochs and it equals ``test_acc_last``.
-    """
-
-    name: str
-    test_acc_last: float
-    test_acc_best: float
-    train_acc_true: float  # w.r.t. the true labels: the theory's "every instance predicted right"
-    train_acc_given: float  # w.r.t. the (possibly corrupted) labels the teacher saw
-    train_tied: float  # fraction of training instances with tied top logits (see ``accuracy``)
-    seconds: float = 0.0
-
-
-@dataclass
-class SDRun:
-    """All models of one run, teacher first, PLL last; ``outputs`` are training softmax outputs."""
-
-    reports: list[ModelReport]
-    outputs: dict[str, np.ndarray] = field(default_factory=dict)  # name → [N, K]
 
 
 def one_hot(y: np.ndarray, K: int) -> np.ndarray:
@@ -118,10 +79,10 @@ def accuracy(X: np.ndarray, W: np.ndarray, y: np.ndarray) -> float:
     """Argmax accuracy of W [K, D] on X [N, D] against y [N] (NaN when N = 0), a tie among the top
     logits counting as 1/(size of the tie) when y is in it: the expected accuracy of a fair coin flip,
     instead of whatever round-off picks."""
-    return _logit_accuracy(X @ W.T, y)
+    return logit_accuracy(X @ W.T, y)
 
 
-def _logit_accuracy(Z: np.ndarray, y: np.ndarray) -> float:
+def logit_accuracy(Z: np.ndarray, y: np.ndarray) -> float:
     """``accuracy`` from the logits Z [N, K]."""
     if len(y) == 0:
         return math.nan
@@ -131,10 +92,10 @@ def _logit_accuracy(Z: np.ndarray, y: np.ndarray) -> float:
 
 def tie_fraction(X: np.ndarray, W: np.ndarray) -> float:
     """Fraction of rows of X [N, D] whose largest logits are tied (NaN when N = 0)."""
-    return _logit_tie_fraction(X @ W.T)
+    return logit_tie_fraction(X @ W.T)
 
 
-def _logit_tie_fraction(Z: np.ndarray) -> float:
+def logit_tie_fraction(Z: np.ndarray) -> float:
     return float(np.mean(_top_set(Z).sum(axis=1) > 1)) if len(Z) else math.nan
 
 
@@ -155,29 +116,13 @@ def logit_grad(
     p = torch.softmax(logits, dim=dim)
     if loss == "ce":
         return p - targets
-    return _gce_grad(p, targets, p.pow(q), dim)
+    return gce_logit_grad(p, targets, p.pow(q), dim)
 
 
-def _gce_grad(p: torch.Tensor, targets: torch.Tensor, p_q: torch.Tensor, dim: int) -> torch.Tensor:
+def gce_logit_grad(p: torch.Tensor, targets: torch.Tensor, p_q: torch.Tensor, dim: int) -> torch.Tensor:
     """GCE's d loss / d logits from the softmax p and p^q (``logit_grad``)."""
     a = targets * p_q
     return p * a.sum(dim, keepdim=True) - a
-
-
-def _softmax(logits: torch.Tensor, dim: int) -> torch.Tensor:
-    """``torch.softmax`` written out as exp(z − shift) / Σ: on the CPU the fused kernel is slow over a
-    short class axis (10 classes of [3, 128, 8, 10] logits: 370 µs a call against 85–120 µs, on 2
-    threads), and in a batched probe step that was a quarter of the time. The shift is the row maximum
-    unless every |z| < 64, when no exp can overflow or leave float32's normal range and the max (a slow
-    reduction over the short axis) is skipped. Equal up to float32 round-off. On an accelerator the
-    fused kernel is fast, and the check would make the device wait every step: ``torch.softmax`` there."""
-    if logits.device.type != "cpu":
-        return torch.softmax(logits, dim=dim)
-    if logits.numel() == 0 or float(logits.abs().amax()) < 64.0:
-        e = logits.exp()
-    else:  # also NaN logits, which stay NaN
-        e = torch.sub(logits, logits.amax(dim, keepdim=True)).exp_()
-    return e.div_(e.sum(dim, keepdim=True))
 
 
 def objective(
@@ -208,7 +153,7 @@ def fit_sgd(
     y_eval: np.ndarray | None = None,
 ) -> ProbeFit:
     """The paper's SGD recipe on X [N, D], targets [N, K]; starts from W0 or nn.Linear's default init."""
-    _check_loss(loss)
+    check_loss(loss)
     gen = torch.Generator().manual_seed(seed)
     Xt = torch.as_tensor(X, dtype=torch.float32)
     Tt = torch.as_tensor(targets, dtype=torch.float32)
@@ -256,354 +201,6 @@ class ProbeTask:
     seed: int = 0
 
 
-def fit_sgd_batched(
-    X: np.ndarray,
-    tasks: Sequence[ProbeTask],
-    *,
-    X_eval: np.ndarray | None = None,
-    y_eval: np.ndarray | None = None,
-    device: str | torch.device | None = None,
-    form: str = "auto",
-) -> list[ProbeFit]:
-    """``fit_sgd`` of every task on the shared X [N, D], trained together; fits in task order.
-
-    Tasks with the same seed (and the same choice of drawing their init) see the same minibatches, as
-    they would alone. These U groups are padded to a common size G with idle probes (learning rate 0),
-    so a step works on [U, B, G·K] logits at once. ``form`` is what is trained:
-    - ``primal``: the weights; a step is one gather X[idx] [U, B, D] and one batched matmul each way;
-    - ``dual``: the weights' coefficients, W = a·W0 + C X with a [G] and C [G, K, N] per group. Every
-      gradient and weight decay step stays in that span, so this is the same SGD: a step is one
-      batched matmul of Gram rows (XXᵀ)[idx] [U, B, N] with C, and the minibatch's gradient is a
-      scatter into B columns of C's momentum instead of a second matmul. Cheaper when N ≤ D;
-    - ``auto`` (default): ``dual`` when N ≤ D, else ``primal``.
-    Both end where ``fit_sgd`` alone ends, up to float32 round-off (the tests hold both to it).
-    """
-    if form not in SGD_FORMS:
-        raise ValueError(f"unknown batched SGD form {form!r}; choose one of {', '.join(SGD_FORMS)}")
-    if not tasks:
-        return []
-    for task in tasks:
-        _check_loss(task.loss)
-    grids = {(t.recipe.epochs, t.recipe.batch_size) for t in tasks}
-    if len(grids) > 1:
-        raise ValueError(
-            "batched probes share one minibatch grid: their recipes need the same epochs and batch_size, "
-            f"got (epochs, batch_size) in {sorted(grids)}"
-        )
-    epochs, batch_size = grids.pop()
-    N, D = X.shape
-    K = tasks[0].targets.shape[1]
-    groups: dict[tuple[int, bool], list[int]] = {}
-    for i, task in enumerate(tasks):
-        groups.setdefault((task.seed, task.W0 is None), []).append(i)
-    U, G = len(groups), max(len(members) for members in groups.values())
-    W = torch.zeros(U, G, K, D, dtype=torch.float32)
-    T = torch.zeros(U, N, G, K, dtype=torch.float32)
-    perms = torch.empty(U, epochs, N, dtype=torch.int64)
-    # per probe [U, G]: float64 like the Python floats of fit_sgd, cast to float32 where used
-    lr, lr_decay, momentum, lam, q = (np.zeros((U, G)) for _ in range(5))
-    gce, used = np.zeros((U, G), dtype=bool), np.zeros((U, G), dtype=bool)
-    for u, ((seed, draw_init), members) in enumerate(groups.items()):
-        gen = torch.Generator().manual_seed(seed)
-        if draw_init:  # nn.Linear's default, as in fit_sgd
-            init = torch.rand(K, D, generator=gen, dtype=torch.float32)
-            W[u, : len(members)] = (init * 2 - 1) / math.sqrt(D)
-        for epoch in range(epochs):
-            perms[u, epoch] = torch.randperm(N, generator=gen)
-        for g, i in enumerate(members):
-            task, recipe = tasks[i], tasks[i].recipe
-            if not draw_init:
-                W[u, g] = torch.as_tensor(task.W0, dtype=torch.float32)
-            T[u, :, g] = torch.as_tensor(task.targets, dtype=torch.float32)
-            lr[u, g], lr_decay[u, g], momentum[u, g] = recipe.lr, recipe.lr_decay, recipe.momentum
-            lam[u, g], q[u, g], gce[u, g] = task.lam, task.q, task.loss == "gce"
-            used[u, g] = True
-
-    device = torch.device(device or "cpu")
-    stack = _ProbeStack(
-        X=torch.as_tensor(X, dtype=torch.float32).to(device),
-        W0=W.to(device),
-        T=T.to(device).view(U * N, G * K),
-        perms=perms.to(device),
-        lr=lr,
-        lr_decay=lr_decay,
-        momentum=momentum,
-        lam=lam,
-        q=q,
-        gce=gce,
-        used=used,
-        batch_size=batch_size,
-    )
-    if X_eval is not None and len(y_eval) > 0:
-        stack.X_eval = torch.as_tensor(X_eval, dtype=torch.float32).to(device)
-        stack.y_eval = torch.as_tensor(y_eval).to(device)
-    train = _train_dual if form == "dual" or (form == "auto" and N <= D) else _train_primal
-    W_end, W_best, curve = train(stack)
-    slot = {i: (u, g) for u, members in enumerate(groups.values()) for g, i in enumerate(members)}
-    if stack.X_eval is None:
-        return [ProbeFit(W_end[slot[i]]) for i in range(len(tasks))]
-    return [ProbeFit(W_end[slot[i]], curve[slot[i]], W_best[slot[i]]) for i in range(len(tasks))]
-
-
-@dataclass
-class _ProbeStack:
-    """The probes of one ``fit_sgd_batched`` call in U groups (one minibatch order each) of G probes.
-
-    Tensors are on the training device; per-probe settings are [U, G] float64 arrays, as the Python
-    floats of ``fit_sgd``, cast to float32 where used (idle padding probes: learning rate 0).
-    """
-
-    X: torch.Tensor  # [N, D] float32
-    W0: torch.Tensor  # [U, G, K, D] the initial weights
-    T: torch.Tensor  # [U·N, G·K] targets: row u·N + i holds group u's probes' targets of instance i
-    perms: torch.Tensor  # [U, epochs, N] each group's minibatch order
-    lr: np.ndarray
-    lr_decay: np.ndarray
-    momentum: np.ndarray
-    lam: np.ndarray
-    q: np.ndarray
-    gce: np.ndarray  # bool: the probe's loss is GCE (else cross-entropy)
-    used: np.ndarray  # bool: a real probe, not padding
-    batch_size: int
-    X_eval: torch.Tensor | None = None  # [Ne, D] float32
-    y_eval: torch.Tensor | None = None  # [Ne]
-
-    @property
-    def shape(self) -> tuple[int, int, int, int, int]:
-        """U, G, K, N, D."""
-        U, G, K, D = self.W0.shape
-        return U, G, K, self.X.shape[0], D
-
-    def per_probe(self, values: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.as_tensor(values, dtype=torch.float32).to(self.X.device).view(shape)
-
-    def minibatches(self, epoch: int):
-        """(idx [U, B], rows [U·B]) of each minibatch of the epoch: the instances and their target rows,
-        contiguous (one copy of the epoch's order per epoch, not one per step)."""
-        U, N = self.perms.shape[0], self.perms.shape[2]
-        order, full = self.perms[:, epoch], N // self.batch_size * self.batch_size
-        steps = order[:, :full].reshape(U, -1, self.batch_size).transpose(0, 1).contiguous().unbind(0)
-        if full < N:
-            steps += (order[:, full:].contiguous(),)
-        offsets = torch.arange(U, device=self.X.device).view(U, 1) * N
-        for idx in steps:
-            yield idx, (idx + offsets).view(-1)
-
-    def logit_grads(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """d loss / d logits of every probe, [U, B, G, K], each with its own loss (``logit_grad``).
-
-        Groups come in runs of one kind (``_loss_runs``): a run of cross-entropy groups gets p − t in
-        place, a run of GCE groups only the GCE gradient, a group that mixes the losses both, picked per
-        probe. (Students and PLL students trained together are such runs: neither pays for the other.)
-        """
-        p = _softmax(logits, dim=3)
-        runs = self._loss_runs
-        for u0, u1, kind in runs:
-            p_u, t_u = p[u0:u1], targets[u0:u1]
-            if kind == "ce":  # p − t, in place
-                p_u.sub_(t_u)
-                continue
-            gce, q = self._gce_settings
-            # p^q as exp(q log p): 60 µs against 300 for pow with a per-probe exponent (0 at p = 0 either way)
-            grad = _gce_grad(p_u, t_u, torch.log(p_u).mul_(q[u0:u1]).exp_(), dim=3)
-            if kind == "mixed":
-                grad = torch.where(gce[u0:u1], grad, p_u - t_u)
-            if len(runs) == 1:
-                return grad
-            p_u.copy_(grad)
-        return p
-
-    @functools.cached_property
-    def _loss_runs(self) -> list[tuple[int, int, str]]:
-        """Maximal runs [u0, u1) of consecutive groups of one kind: "ce" (no GCE probe, padding
-        included), "gce" (every probe GCE) or "mixed"."""
-        runs: list[list] = []
-        for u, row in enumerate(self.gce):
-            kind = "gce" if row.all() else "mixed" if row.any() else "ce"
-            if runs and runs[-1][2] == kind:
-                runs[-1][1] = u + 1
-            else:
-                runs.append([u, u + 1, kind])
-        return [tuple(run) for run in runs]
-
-    @functools.cached_property
-    def _gce_settings(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Which probes use GCE, and their q, both [U, 1, G, 1] on the device."""
-        U, G = self.gce.shape
-        return torch.as_tensor(self.gce).to(self.X.device).view(U, 1, G, 1), self.per_probe(
-            self.q, (U, 1, G, 1)
-        )
-
-    def shared(self, values: np.ndarray) -> float | None:
-        """The setting every real probe has (e.g. the paper's momentum 0.9), or None if they differ."""
-        distinct = np.unique(values[self.used])
-        return float(distinct[0]) if len(distinct) == 1 else None
-
-
-class _BestEpochs:
-    """Test accuracy per epoch of every probe, and which probes just reached their best (first) one."""
-
-    def __init__(self, stack: _ProbeStack, epochs: int) -> None:
-        U, G = stack.lr.shape
-        self.y = stack.y_eval
-        self.curve = torch.full((U, G, epochs), math.nan, dtype=torch.float64, device=stack.X.device)
-        self.best = torch.full((U, G), -1.0, dtype=torch.float64, device=stack.X.device)
-
-    def better(self, epoch: int, scores: torch.Tensor) -> torch.Tensor:
-        """Record the epoch from test logits [Ne, U, G, K]; a [U, G] mask of the probes that improved."""
-        pred = scores.argmax(3)  # [Ne, U, G]
-        self.curve[:, :, epoch] = (pred == self.y[:, None, None]).double().mean(0)
-        better = self.curve[:, :, epoch] > self.best
-        self.best = torch.where(better, self.curve[:, :, epoch], self.best)
-        return better
-
-
-def _train_primal(stack: _ProbeStack) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Train the weights themselves; (W, W at the best test epoch, test curves) as float64 arrays."""
-    U, G, K, N, D = stack.shape
-    epochs = stack.perms.shape[1]
-    W = stack.W0.clone()
-    Wf = W.view(U, G * K, D)
-    lam_w, momentum_w = (
-        stack.per_probe(stack.lam, (U, G, 1, 1)),
-        stack.per_probe(stack.momentum, (U, G, 1, 1)),
-    )
-    # One momentum for every probe (the paper's 0.9): the decay of the buffer rides in the gradient's
-    # batched matmul (baddbmm's beta) instead of a pass of its own.
-    shared_momentum = stack.shared(stack.momentum)
-    beta = 1.0 if shared_momentum is None else shared_momentum  # the buffer's factor in baddbmm
-    momentum_buf = torch.zeros_like(W)
-    buf_f = momentum_buf.view(U, G * K, D)
-    W_best, tracker, lr = W.clone(), _BestEpochs(stack, epochs), stack.lr.copy()
-    for epoch in range(epochs):
-        neg_lr_w = stack.per_probe(-lr, (U, G, 1, 1))
-        for idx, rows in stack.minibatches(epoch):
-            B = idx.shape[1]
-            xb = stack.X.index_select(0, idx.reshape(-1)).view(U, B, D)
-            targets = stack.T.index_select(0, rows).view(U, B, G, K)
-            dz = stack.logit_grads(torch.bmm(xb, Wf.transpose(1, 2)).view(U, B, G, K), targets)
-            # buffer ← momentum · buffer + (dzᵀ x / B + λ W);  W ← W − lr · buffer
-            if shared_momentum is None:
-                momentum_buf.mul_(momentum_w)
-            buf_f.baddbmm_(dz.view(U, B, G * K).transpose(1, 2), xb, beta=beta, alpha=1.0 / B)
-            momentum_buf.addcmul_(W, lam_w)
-            W.addcmul_(momentum_buf, neg_lr_w)
-        lr *= stack.lr_decay
-        if stack.X_eval is not None:
-            better = tracker.better(epoch, (stack.X_eval @ W.view(U * G * K, D).T).view(-1, U, G, K))
-            W_best[better] = W[better]
-    return _numpy(W), _numpy(W_best), _numpy(tracker.curve)
-
-
-def _train_dual(stack: _ProbeStack) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Train the coefficients of W (``fit_sgd_batched``'s dual form); the same SGD as ``_train_primal``.
-
-    With μ the mean training row, the basis is the N centred rows x̃_j = x_j − μ and μ itself, and
-    W = a·W0 + C [X̃; μ]: per probe a scalar a and C [K, N + 1], stored as C [N + 1, U, G·K] (basis
-    index first: the test scores are one plain matmul, and group u's [N + 1, G·K] slice is a strided
-    matrix the batched matmul reads in place). (On rows that share a large offset, as real features do,
-    an uncentred basis makes the terms of the logits cancel and costs float32 digits.) With
-    g = dzᵀ X[idx] / B + λ W, the momentum buffer μ_m·buf + g and the step W − lr·buf keep this form:
-    the buffer's coefficients decay by μ_m and gain λ times W's, and it gains dz / B in the columns idx
-    and the minibatch's Σ dz / B in column N (the gradient's part along μ); a step subtracts lr times
-    them. The logits of row i are a·x_i W0ᵀ + (x_i·[X̃; μ]ᵀ) C: one batched matmul with rows of
-    [X X̃ᵀ, X μ], computed once in float64.
-    With one λ, momentum and schedule for every probe (an SD table's case), a is the same for all and
-    the updates take scalars; the buffer is then kept as s·M̂ with s = λ / (1 − μ_m), so that its decay
-    and weight-decay gain, μ_m·buf + λ C = s·lerp(M̂, C, 1 − μ_m), are one pass over it instead of two.
-    """
-    U, G, K, N, D = stack.shape
-    GK, epochs, device = G * K, stack.perms.shape[1], stack.X.device
-    X64, W0 = stack.X.double(), stack.W0.view(U, GK, D)
-    mean = X64.mean(0) if N else X64.new_zeros(D)  # (no rows: W stays a·W0)
-    basis = torch.cat([X64 - mean, mean[None]])  # [N + 1, D]
-    gram = _products(stack.X, basis, mean)  # [N, N + 1]: row i is x_i·[X̃; μ]ᵀ
-    base = _products(stack.X, W0.double().reshape(U * GK, D), mean)  # x_i W0ᵀ of every probe
-    base = base.view(N, U, GK).transpose(0, 1).reshape(U * N, GK)  # row u·N + i: group u's
-    C, M = (torch.zeros(N + 1, U, GK, device=device) for _ in range(2))
-    C_groups = C.permute(1, 0, 2)  # [U, N + 1, G·K], a view
-    settings = (stack.lam, stack.momentum, stack.lr, stack.lr_decay)
-    shared = [stack.shared(values) for values in settings]
-    uniform = None not in shared
-    if uniform:  # Python floats; the idle padding probes train too, on zero targets, and are dropped
-        lam, momentum, lr, lr_decay = shared
-        a, m_a = 1.0, 0.0
-        # M = scale · (the buffer's coefficients); a vanishing λ would scale M̂ towards float32's range
-        scale = lam / (1.0 - momentum) if momentum < 1 else 0.0
-        lerp = scale >= 1e-12
-        scale = scale if lerp else 1.0
-    else:
-        lam, momentum = (stack.per_probe(v, (1, U, G, 1)) for v in (stack.lam, stack.momentum))
-        lr, lr_decay, scale = stack.lr.copy(), stack.lr_decay, 1.0
-        a, m_a = torch.ones(U, G, device=device), torch.zeros(U, G, device=device)
-    if stack.X_eval is not None:
-        gram_eval = _products(stack.X_eval, basis, mean)  # [Ne, N + 1]
-        base_eval = _products(stack.X_eval, W0.double().reshape(U * GK, D), mean).view(-1, U, G, K)
-    a_per_probe = (lambda: torch.full((U, G), a, device=device)) if uniform else (lambda: a)
-    best = {"C": C.clone(), "a": a_per_probe().clone()}
-    tracker = _BestEpochs(stack, epochs)
-    gram_rows = torch.empty(U * min(stack.batch_size, N), N + 1, device=device)  # reused every step
-    groups = torch.arange(U, device=device).view(U, 1)
-    C4, M4, best_C4 = (t.view(N + 1, U, G, K) for t in (C, M, best["C"]))
-    for epoch in range(epochs):
-        neg_lr = -lr if uniform else stack.per_probe(-lr, (1, U, G, 1))
-        for idx, rows in stack.minibatches(epoch):
-            B = idx.shape[1]
-            base_rows = base.index_select(0, rows).view(U, B, GK)
-            if not uniform:
-                base_rows = (base_rows.view(U, B, G, K) * a.view(U, 1, G, 1)).view(U, B, GK)
-            torch.index_select(gram, 0, idx.view(-1), out=gram_rows[: U * B])
-            logits = torch.baddbmm(
-                base_rows, gram_rows[: U * B].view(U, B, N + 1), C_groups, beta=a if uniform else 1.0
-            )
-            dz = stack.logit_grads(logits.view(U, B, G, K), stack.T.index_select(0, rows).view(U, B, G, K))
-            # buffer ← momentum · buffer + λ C + the minibatch's gradient; C ← C − lr · buffer
-            if not uniform:
-                M4.mul_(momentum).addcmul_(C4, lam)
-            elif lerp:
-                M.lerp_(C, 1.0 - momentum)
-            else:
-                M.mul_(momentum).add_(C, alpha=lam)
-            dz = dz.view(U, B, GK)
-            M_rows = (idx * U + groups).view(-1)  # M viewed as [(N + 1)·U, G·K]: basis index · U + group
-            M.view((N + 1) * U, GK).index_add_(0, M_rows, dz.view(U * B, GK), alpha=1.0 / (B * scale))
-            M[N].add_(dz.sum(1), alpha=1.0 / (B * scale))
-            if uniform:
-                C.add_(M, alpha=neg_lr * scale)
-                m_a = momentum * m_a + lam * a
-                a += neg_lr * m_a
-            else:
-                C4.addcmul_(M4, neg_lr)
-                m_a.mul_(momentum.view(U, G)).addcmul_(a, lam.view(U, G))
-                a.addcmul_(m_a, neg_lr.view(U, G))
-        lr *= lr_decay
-        if stack.X_eval is not None:
-            scores = (gram_eval @ C.view(N + 1, U * GK)).view(-1, U, G, K)
-            better = tracker.better(epoch, scores.addcmul_(base_eval, a_per_probe().view(1, U, G, 1)))
-            if better.any():  # copy the probes that improved (fewer and fewer as training goes on)
-                best_C4[:, better] = C4[:, better]
-                best["a"][better] = a_per_probe()[better]
-
-    def weights(C: torch.Tensor, a: torch.Tensor) -> np.ndarray:
-        """a·W0 + C [X̃; μ] in float64, [U, G, K, D]."""
-        spanned = (C.double().permute(1, 2, 0).reshape(U * GK, N + 1) @ basis).view(U, G, K, D)
-        return _numpy(spanned + a.double().view(U, G, 1, 1) * stack.W0.double())
-
-    return weights(C, a_per_probe()), weights(**best), _numpy(tracker.curve)
-
-
-def _products(rows: torch.Tensor, columns: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """rows @ columnsᵀ in float32 for float32 ``rows`` [n, D] far from the origin and float64
-    ``columns`` [m, D], as (rows − mean) @ columnsᵀ + mean @ columnsᵀ: the float32 product of centred
-    rows loses no digits to their common offset, and the offset's part is exact in float64."""
-    centred = (rows.double() - mean).float()
-    return torch.addmm((columns @ mean).float(), centred, columns.float().T)
-
-
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    return t.double().cpu().numpy()
-
-
 def fit_gce_full_batch(
     X: np.ndarray, targets: np.ndarray, lam: float, W0: np.ndarray, q: float = 0.7, tol: float = 1e-9
 ) -> np.ndarray:
@@ -632,7 +229,7 @@ def fit_gce_full_batch(
     return W.detach().numpy()
 
 
-def _check_loss(loss: str) -> None:
+def check_loss(loss: str) -> None:
     if loss not in PLL_LOSSES:
         raise ValueError(f"unknown probe loss {loss!r}; choose one of {list(PLL_LOSSES)}")
 
@@ -653,7 +250,7 @@ def fit_probe(
     y_eval: np.ndarray | None = None,
 ) -> ProbeFit:
     """Fit one probe with the chosen solver; ``W0`` is a warm start (exact) or the initialization (SGD)."""
-    _check_loss(loss)
+    check_loss(loss)
     if solver == "sgd":
         recipe = recipe or SGDRecipe()
         return fit_sgd(
@@ -666,247 +263,3 @@ def fit_probe(
     if W0 is None:
         raise ValueError("the GCE loss is not convex: the exact solver needs an initialization W0")
     return ProbeFit(fit_gce_full_batch(X, targets, lam, W0, q=q, tol=tol))
-
-
-def self_distill(
-    X_train: np.ndarray,
-    y_given: np.ndarray,
-    y_true: np.ndarray,
-    X_test: np.ndarray,
-    y_test: np.ndarray,
-    lam: float,
-    num_classes: int,
-    *,
-    rounds: int = 5,
-    solver: str = "exact",
-    recipe: SGDRecipe | None = None,
-    pll_losses: Sequence[str] = ("gce",),
-    q: float = 0.7,
-    seed: int = 0,
-    tol: float = 1e-8,
-    keep_outputs: bool = False,
-    teacher_checkpoint: str = "last",
-) -> SDRun:
-    """Teacher (round 1) + ``rounds − 1`` students, then one PLL student per loss in ``pll_losses``,
-    each probe fit alone (the reference for ``self_distill_batched``).
-
-    Rows are named "Teacher", "2", ..., str(rounds), then "PLL" (GCE) / "PLL-CE". Exact rounds are
-    warm-started from the previous round's W; each round's minimizer is unique, so that only saves
-    iterations. SGD round t draws its init and minibatch order from seed 1000·seed + t, the PLL
-    students from 1000·seed + 999. ``teacher_checkpoint`` (``TEACHER_CHECKPOINTS``) picks the weights
-    that teach the next round and the PLL student; reports are of the last epoch's weights either way
-    (with ``test_acc_best`` the best test accuracy over epochs).
-    """
-
-    def one_by_one(tasks: Sequence[ProbeTask]) -> list[tuple[ProbeFit, float]]:
-        timed = []
-        for task in tasks:
-            t0 = time.perf_counter()
-            fit = _fit_task(X_train, task, solver, tol, X_test, y_test)
-            timed.append((fit, time.perf_counter() - t0))
-        return timed
-
-    return _distill(
-        X_train,
-        [y_given],
-        [seed],
-        y_true,
-        X_test,
-        y_test,
-        lam,
-        num_classes,
-        rounds,
-        solver,
-        recipe,
-        pll_losses,
-        q,
-        keep_outputs,
-        teacher_checkpoint,
-        one_by_one,
-    )[0]
-
-
-def self_distill_batched(
-    X_train: np.ndarray,
-    y_given: Sequence[np.ndarray],
-    y_true: np.ndarray,
-    X_test: np.ndarray,
-    y_test: np.ndarray,
-    lam: float,
-    num_classes: int,
-    *,
-    seeds: Sequence[int],
-    rounds: int = 5,
-    solver: str = "exact",
-    recipe: SGDRecipe | None = None,
-    pll_losses: Sequence[str] = ("gce",),
-    q: float = 0.7,
-    tol: float = 1e-8,
-    keep_outputs: bool = False,
-    teacher_checkpoint: str = "last",
-    device: str | torch.device | None = None,
-) -> list[SDRun]:
-    """``self_distill`` of every label set y_given[r] (with seed seeds[r]) on the same features.
-
-    With SGD, each round's probes of all label sets are one ``fit_sgd_batched`` call: a table's (η,
-    seed) cells train together, and the PLL students (every loss), which need only the teacher, join
-    round 2's call (a round fewer; with one round they follow it). A run's reports equal
-    ``self_distill``'s up to float32 round-off; a model's ``seconds`` is its share of its batch.
-    The exact solver fits the probes one by one.
-    """
-    if len(y_given) != len(seeds):
-        raise ValueError(f"one seed per label set: got {len(y_given)} label sets and {len(seeds)} seeds")
-
-    def batched(tasks: Sequence[ProbeTask]) -> list[tuple[ProbeFit, float]]:
-        t0 = time.perf_counter()
-        if solver == "sgd":
-            fits = fit_sgd_batched(X_train, tasks, X_eval=X_test, y_eval=y_test, device=device)
-        else:
-            fits = [_fit_task(X_train, task, solver, tol, X_test, y_test) for task in tasks]
-        share = (time.perf_counter() - t0) / max(len(tasks), 1)
-        return [(fit, share) for fit in fits]
-
-    return _distill(
-        X_train,
-        list(y_given),
-        list(seeds),
-        y_true,
-        X_test,
-        y_test,
-        lam,
-        num_classes,
-        rounds,
-        solver,
-        recipe,
-        pll_losses,
-        q,
-        keep_outputs,
-        teacher_checkpoint,
-        batched,
-    )
-
-
-def _fit_task(
-    X: np.ndarray, task: ProbeTask, solver: str, tol: float, X_eval: np.ndarray, y_eval: np.ndarray
-) -> ProbeFit:
-    return fit_probe(
-        X,
-        task.targets,
-        task.lam,
-        solver,
-        recipe=task.recipe,
-        loss=task.loss,
-        q=task.q,
-        W0=task.W0,
-        seed=task.seed,
-        tol=tol,
-        X_eval=X_eval,
-        y_eval=y_eval,
-    )
-
-
-def _distill(
-    X_train: np.ndarray,
-    y_given: list[np.ndarray],
-    seeds: list[int],
-    y_true: np.ndarray,
-    X_test: np.ndarray,
-    y_test: np.ndarray,
-    lam: float,
-    num_classes: int,
-    rounds: int,
-    solver: str,
-    recipe: SGDRecipe | None,
-    pll_losses: Sequence[str],
-    q: float,
-    keep_outputs: bool,
-    teacher_checkpoint: str,
-    fit_many: Callable[[Sequence[ProbeTask]], list[tuple[ProbeFit, float]]],
-) -> list[SDRun]:
-    """The rounds of ``self_distill`` for every label set, each round's probes fit by one ``fit_many``."""
-    if rounds < 1:
-        raise ValueError(f"need rounds ≥ 1 (the teacher), got {rounds}")
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {list(SOLVERS)}")
-    for loss in pll_losses:
-        _check_loss(loss)
-    if teacher_checkpoint not in TEACHER_CHECKPOINTS:
-        raise ValueError(
-            f"unknown teacher_checkpoint {teacher_checkpoint!r}; choose one of {TEACHER_CHECKPOINTS}"
-        )
-    if teacher_checkpoint == "best_test" and (solver != "sgd" or len(y_test) == 0):
-        raise ValueError(
-            f"teacher_checkpoint='best_test' selects an SGD epoch by test accuracy: it needs solver='sgd' "
-            f"(got {solver!r}) and a test set (got {len(y_test)} test samples)"
-        )
-    recipe = recipe or SGDRecipe()
-    runs = [SDRun([]) for _ in y_given]
-    targets = [one_hot(y, num_classes) for y in y_given]
-    W_prev: list[np.ndarray | None] = [None] * len(runs)
-    teachers: list[tuple[np.ndarray, np.ndarray]] = []
-    cells = [(r, loss) for r in range(len(runs)) for loss in pll_losses]
-
-    def pll_tasks() -> list[ProbeTask]:
-        pll_targets = [two_hot(P_t, seed=seed) for (_, P_t), seed in zip(teachers, seeds)]
-        return [
-            ProbeTask(
-                pll_targets[r], lam, recipe, loss=loss, q=q, W0=teachers[r][0], seed=seeds[r] * 1000 + 999
-            )
-            for r, loss in cells
-        ]
-
-    pll_fits: list[tuple[ProbeFit, float]] = []
-    for t in range(1, rounds + 1):
-        name = "Teacher" if t == 1 else str(t)
-        tasks = [
-            ProbeTask(
-                targets[r], lam, recipe, W0=W_prev[r] if solver == "exact" else None, seed=seeds[r] * 1000 + t
-            )
-            for r in range(len(runs))
-        ]
-        # The PLL students need only the teacher: they are fit beside round 2, so that a batched fit
-        # trains them in the same stack as the students (their reports still come last).
-        fits = fit_many(tasks + (pll_tasks() if t == 2 else []))
-        pll_fits += fits[len(runs) :]
-        for r, (fit, seconds) in enumerate(fits[: len(runs)]):
-            W_teach = fit.W_best if teacher_checkpoint == "best_test" else fit.W
-            Z = X_train @ fit.W.T  # training logits: the report's, and the next targets' with "last"
-            targets[r] = softmax(Z if W_teach is fit.W else X_train @ W_teach.T)
-            W_prev[r] = W_teach
-            if t == 1:
-                teachers.append((W_teach, targets[r]))
-            runs[r].reports.append(_report(name, fit, Z, y_true, y_given[r], X_test, y_test, seconds))
-            if keep_outputs:
-                runs[r].outputs[name] = targets[r]
-    if rounds == 1:
-        pll_fits = fit_many(pll_tasks())
-    for (r, loss), (fit, seconds) in zip(cells, pll_fits):
-        name, Z = PLL_ROWS[loss], X_train @ fit.W.T
-        runs[r].reports.append(_report(name, fit, Z, y_true, y_given[r], X_test, y_test, seconds))
-        if keep_outputs:
-            runs[r].outputs[name] = softmax(Z)
-    return runs
-
-
-def _report(
-    name: str,
-    fit: ProbeFit,
-    train_logits: np.ndarray,
-    y_true: np.ndarray,
-    y_given: np.ndarray,
-    X_test: np.ndarray,
-    y_test: np.ndarray,
-    seconds: float,
-) -> ModelReport:
-    last = accuracy(X_test, fit.W, y_test)
-    curve = fit.test_acc_per_epoch
-    best = max(float(np.nanmax(curve)), last) if curve is not None and np.isfinite(curve).any() else last
-    return ModelReport(
-        name,
-        last,
-        best,
-        _logit_accuracy(train_logits, y_true),
-        _logit_accuracy(train_logits, y_given),
-        _logit_tie_fraction(train_logits),
-        seconds,
-    )

@@ -41,15 +41,8 @@ from phis.selfdistill.corruption import (
     realized_matrix,
 )
 from phis.selfdistill.features import FeatureSet, atomic_savez, check_source, load_features
-from phis.selfdistill.probe import (
-    PLL_LOSSES,
-    SOLVERS,
-    TEACHER_CHECKPOINTS,
-    SDRun,
-    SGDRecipe,
-    self_distill,
-    self_distill_batched,
-)
+from phis.selfdistill.probe import PLL_LOSSES, SOLVERS, SGDRecipe
+from phis.selfdistill.rounds import TEACHER_CHECKPOINTS, SDRun, self_distill, self_distill_batched
 from phis.wandb_logging import RUN_FILE, JobMirror, selfdistill_tables, selfdistill_tags
 
 log = logging.getLogger(__name__)

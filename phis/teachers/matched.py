@@ -223,7 +223,7 @@ class StatsMatchedTeacher(Teacher):
     @torch.no_grad()
     def base_moments(self, pool: Mapping[str, Any], batch_size: int) -> ChannelMoments:
         """Float64 per-channel moments of the base teacher's feature tokens over the image pool."""
-        from phis.data import OfflineImagePool
+        from phis.photos import OfflineImagePool
 
         images = OfflineImagePool(**dict(pool))
         moments = ChannelMoments(self.base.feature_dim, torch.device("cpu"))

@@ -1,6 +1,6 @@
 """Training throughput: teacher cache vs teachers run every step, and Lightning vs a bare PyTorch loop.
 
-    python -m experiments.bench_train [--steps 30] [--warmup 5] [--out outputs/bench_train] [overrides ...]
+    python -m experiments.bench.train [--steps 30] [--warmup 5] [--out outputs/bench_train] [overrides ...]
 
 Everything is built from the real config (conf/train.yaml; trailing Hydra overrides apply, default:
 the offline teacher set and the tiny student). Three measurements on the same model and batch size:
@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 from phis.build import build_datamodule, build_module
 from phis.results import write_table
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 class StepTimer(Callback):

@@ -1,7 +1,7 @@
 """The normalization report: 2-D pictures of the seven normalizations, numeric checks of Theorem 2.1
 and the SPEC §1 identities, and the Hadamard coverage table.
 
-    python -m experiments.normalization_report --out outputs/analysis
+    python -m experiments.phis.normalization_report --out outputs/analysis
 
 Writes PNG figures and ``report.md``; exits with status 1 if any numeric check fails.
 """
@@ -13,26 +13,26 @@ import copy
 import math
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 from torch import Tensor, nn
 
-from phis.hadamard import constructible_orders, construction, hadamard_matrix, is_constructible
+from experiments.phis.hadamard_coverage import (
+    TEACHER_WIDTHS,
+    coverage_figure,
+    coverage_section,
+    coverage_summary,
+)
+from phis.hadamard import construction, hadamard_matrix, is_constructible
 from phis.normalizers import NORMALIZERS, Normalizer, make_normalizer
 from phis.results import atomic_write_text, markdown_table
 
-TEACHER_WIDTHS = (192, 256, 384, 512, 768, 1024, 1152, 1280, 1408, 1536)
 FIG6_EIGENVALUES = (3.8356, 0.0894)  # PHI-S paper Fig. 6
 FIG6_PHI = 1.400892  # the paper's HCA column norm for that Λ (printed to 6 decimals, truncated)
-REFERENCE_COVERAGE = 354  # multiples of 4 up to 2048 built by the public reference (SPEC §1)
-COVERAGE_LIMIT = 2048
 LABELS = {
     "identity": "Identity (MSE)",
     "global_standardize": "Global standardize",
@@ -41,12 +41,6 @@ LABELS = {
     "zca_whiten": "ZCA-W",
     "hadamard_whiten": "HCA",
     "phi_s": "PHI-S",
-}
-FAMILY_COLORS = {
-    "sylvester": "tab:blue",
-    "paley1": "tab:green",
-    "paley2": "tab:orange",
-    "kron": "tab:purple",
 }
 F64 = torch.float64
 MakeNormalizer = Callable[..., Normalizer]
@@ -468,102 +462,6 @@ def illustration_figures(out: Path, make: MakeNormalizer, seed: int = 0) -> list
 
 
 # ---------------------------------------------------------------------------------------------------
-# Hadamard coverage
-
-
-def reference_rule(n: int) -> bool:
-    """Whether the public reference builds order n: 2^k, or Sylvester(2^i) ⊗ one Paley matrix of prime q."""
-    if n & (n - 1) == 0:
-        return True
-    cofactors = [n >> i for i in range((n & -n).bit_length())]  # n / 2^i for every 2^i dividing n
-    return any(
-        is_constructible(m, prime_powers=False) and construction(m, prime_powers=False).startswith("paley")
-        for m in cofactors
-    )
-
-
-def coverage_summary(limit: int = COVERAGE_LIMIT) -> dict:
-    """Constructible multiples of 4 up to ``limit`` here, with prime q only, and by the reference rule."""
-    orders = list(range(4, limit + 1, 4))
-    ours = {n: r for n, r in constructible_orders(limit).items() if n % 4 == 0}
-    prime_only = [n for n in orders if is_constructible(n, prime_powers=False)]
-    return {
-        "orders": orders,
-        "ours": ours,
-        "families": Counter(r.split("(")[0] for r in ours.values()),
-        "prime_only": prime_only,
-        "reference": [n for n in orders if reference_rule(n)],
-        "missing": [n for n in orders if n not in ours],
-    }
-
-
-def coverage_figure(out: Path, cov: dict) -> None:
-    """Two grids of the multiples of 4 (32 per row): construction family here, and here vs the reference."""
-    orders, ours, ref = cov["orders"], cov["ours"], set(cov["reference"])
-    families = [*FAMILY_COLORS, "none"]
-    family_idx = [families.index(ours[n].split("(")[0]) if n in ours else 4 for n in orders]
-    compare = ["both", "only this code", "neither"]
-    compare_idx = [0 if n in ref else 1 if n in ours else 2 for n in orders]
-    cols = 32
-    fig = Figure(figsize=(14, 4.6), layout="constrained")
-    panels = (
-        ("construction used here", family_idx, [*FAMILY_COLORS.values(), "red"], families),
-        ("this code vs the public reference", compare_idx, ["0.75", "gold", "red"], compare),
-    )
-    for ax, (title, idx, colors, names) in zip(fig.subplots(1, 2), panels):
-        grid = torch.tensor(idx).reshape(-1, cols)
-        ax.imshow(grid, cmap=ListedColormap(colors), vmin=-0.5, vmax=len(colors) - 0.5, aspect="equal")
-        rows = range(0, grid.shape[0], 2)
-        ax.set_yticks(list(rows), [f"{orders[r * cols]}–{orders[r * cols + cols - 1]}" for r in rows])
-        ax.set_xticks([])
-        ax.set_title(title)
-        counts = Counter(idx)
-        handles = [
-            Patch(color=c, label=f"{name} ({counts[i]})") for i, (c, name) in enumerate(zip(colors, names))
-        ]
-        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=3, fontsize=8)
-    fig.suptitle(f"Hadamard orders 4 … {orders[-1]} (multiples of 4), {cols} per row")
-    fig.savefig(out / "fig_hadamard_coverage.png", dpi=110)
-
-
-def _coverage_section(cov: dict) -> str:
-    ours, ref, fam = cov["ours"], set(cov["reference"]), cov["families"]
-    total = len(cov["orders"])
-    only_ours = [n for n in ours if n not in ref]
-    prime_power = [n for n in only_ours if n not in set(cov["prime_only"])]
-    counts = [
-        ["public reference (SPEC §1)", REFERENCE_COVERAGE],
-        ["reference rule re-derived here: 2^i ⊗ one Paley, prime q", len(ref)],
-        ["this code, Paley restricted to prime q", len(cov["prime_only"])],
-        ["this code: prime-power q, any Kronecker product", len(ours)],
-    ]
-    return "\n".join(
-        [
-            "## 3. Hadamard coverage\n",
-            f"Multiples of 4 up to {COVERAGE_LIMIT}: {total} (orders above 2 must be multiples of 4).\n",
-            markdown_table(
-                ["rule", "constructible", "not constructible"], [[r, k, total - k] for r, k in counts]
-            ),
-            "\nBy the top-level construction used here (direct constructions first, then a power-of-two "
-            "Sylvester factor split off, then any other Kronecker split):\n",
-            markdown_table(
-                ["family", "orders"], [[f, fam[f]] for f in FAMILY_COLORS] + [["total", len(ours)]]
-            ),
-            f"\nEvery order the reference rule builds is built here too: {ref <= set(ours)}. "
-            f"Orders only this code builds: {len(only_ours)} ({len(prime_power)} need a prime-power q, the "
-            "others a Kronecker product of two factors that are not powers of two):\n",
-            markdown_table(["order", "recipe"], [[n, ours[n]] for n in only_ours]),
-            "\nTeacher widths of SPEC §1:\n",
-            markdown_table(["width", "recipe"], [[w, construction(w)] for w in TEACHER_WIDTHS]),
-            f"\nNo construction here for {len(cov['missing'])} orders; asking for one raises ValueError "
-            "naming the nearest constructible orders, and nothing is substituted:\n",
-            ", ".join(map(str, cov["missing"])) + "\n",
-            "![coverage](fig_hadamard_coverage.png)\n",
-        ]
-    )
-
-
-# ---------------------------------------------------------------------------------------------------
 # Command
 
 _INTRO_2D = (
@@ -613,7 +511,7 @@ def run_analysis(
     report = "\n".join(
         [
             "# PHI-S analysis\n",
-            "Generated by `python -m experiments.normalization_report`. All arithmetic in float64.\n",
+            "Generated by `python -m experiments.phis.normalization_report`. All arithmetic in float64.\n",
             "## 1. Seven normalizations of a 2-D Gaussian (PHI-S Figs. 4–8)\n",
             _INTRO_2D.format(lam=list(FIG6_EIGENVALUES)),
             "![normalized](fig_normalized_2d.png)\n",
@@ -628,7 +526,7 @@ def run_analysis(
             markdown_table(substitute_header, substitute_table((192, 668), seed)),
             _INTRO_RANK,
             markdown_table(["method", "ε = 1e-4", "ε = 1e-8", "ε = 0"], rank_deficiency_table(make)),
-            _coverage_section(cov),
+            coverage_section(cov),
             f"_Analysis time: {time.perf_counter() - start:.1f} s._\n",
         ]
     )

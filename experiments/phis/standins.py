@@ -2,9 +2,9 @@
 of DataComp and small labelled folders in the layouts of ImageNet, ADE20k and Pascal VOC, all written
 from the photos and labels that ship with the installed packages.
 
-    python -m experiments.standins DIR     # writes DIR (reused when complete), prints the PHIS_* variables
+    python -m experiments.phis.standins DIR   # writes DIR (reused when complete), prints the PHIS_* variables
 
-The shards hold crops of the training photos (``phis.data.OfflineImagePool``) in the img2dataset layout,
+The shards hold crops of the training photos (``phis.photos.OfflineImagePool``) in the img2dataset layout,
 the held-out shard crops of the unseen test photos. The ImageNet stand-in has ImageNet-1k's 1,000 class
 folders (so ``eval.imagenet_labels=true`` applies), class ``k`` showing crops of photo ``k mod 14``
 (``phis.evaldata.photo_crops_set``); the segmentation stand-ins are collages of photo crops
@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from phis.data import OfflineImagePool
 from phis.evaldata import PHOTO_SOURCES, collage_set, imagenet_class_names, photo_crops_set
+from phis.photos import OfflineImagePool
 from phis.results import atomic_write_json
 
 IMAGE_SIZE = 40  # pixels on disk; the loaders resize to the profile's resolution

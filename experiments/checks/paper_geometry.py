@@ -1,7 +1,7 @@
 """The paper's geometry through the training module on this CPU: every teacher at its own input size.
 
-    python -m experiments.check_paper_geometry [--out experiments/results/paper_geometry.md]
-    python -m experiments.check_paper_geometry --tiny        # the same checks on tiny random models
+    python -m experiments.checks.paper_geometry [--out experiments/results/paper_geometry.md]
+    python -m experiments.checks.paper_geometry --tiny        # the same checks on tiny random models
 
 Builds the ``phis`` teacher set (DFN CLIP ViT-H/14-378, SigLIP SO400M/14-384, DINOv2-g/14-reg, SAM
 ViT-H) at its real architectures with random weights (the loaders' ``random_init``: nothing is
@@ -41,7 +41,7 @@ from phis.build import build_module, teacher_set
 from phis.results import atomic_write_text, markdown_table
 from phis.teachers import Teacher, build_teacher
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """What a method sweep says about the PHI-S paper's claims, claim by claim: agree, disagree or
 inconclusive, with the numbers, their seed spread and a paired test over seeds.
 
-    python -m experiments.phis_claims <sweep_dir> <out_dir>     # writes <out_dir>/claims.md (+ .csv)
+    python -m experiments.phis.claims <sweep_dir> <out_dir>     # writes <out_dir>/claims.md (+ .csv)
 
 A comparison "A is better than B" uses the per-seed differences (same seed, same images, same student
 initialisation) and a two-sided paired t-test: *agree* when the mean difference points the paper's way
@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from experiments.phis_index import write_index
-from experiments.phis_runs import LABELS, METHODS_5, METHODS_10, Run, by_method, load_runs
-from experiments.phis_table_writers import seed_rank_tables
+from experiments.phis.index import write_index
+from experiments.phis.runs import LABELS, METHODS_5, METHODS_10, Run, by_method, load_runs
+from experiments.phis.table_writers import seed_rank_tables
 from phis.ranks import metric_group
 from phis.results import atomic_write_text, format_mean_std
 

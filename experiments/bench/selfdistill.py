@@ -3,9 +3,9 @@
 ratio and a check that every model's accuracies match; optionally (``--solvers``) the closed form and
 the exact solver against SGD on the same kind of table.
 
-    python -m experiments.bench_selfdistill --out experiments/results/selfdistill [--batched-threads 1,2]
-    python -m experiments.bench_selfdistill --repeats 3   # three runs, each timing both ways afresh
-    python -m experiments.bench_selfdistill --render   # bench.md again, e.g. after a new mini study
+    python -m experiments.bench.selfdistill --out experiments/results/selfdistill [--batched-threads 1,2]
+    python -m experiments.bench.selfdistill --repeats 3   # three runs, each timing both ways afresh
+    python -m experiments.bench.selfdistill --render   # bench.md again, e.g. after a new mini study
 
 Writes bench.json and bench.md (atomically; a part not run this time keeps its last results), with
 the load average of the machine around each timing, and the mini study's wall time (its timings.json).
@@ -30,15 +30,9 @@ from phis.results import atomic_write_json, atomic_write_text, markdown_table
 from phis.selfdistill import theory
 from phis.selfdistill.corruption import corrupt_labels, corruption_matrix
 from phis.selfdistill.features import FeatureSet, block_feature_set, load_features
-from phis.selfdistill.probe import (
-    SDRun,
-    SGDRecipe,
-    fit_probe,
-    one_hot,
-    self_distill,
-    self_distill_batched,
-    softmax,
-)
+from phis.selfdistill.probe import SGDRecipe, fit_probe, one_hot
+from phis.selfdistill.rounds import SDRun, self_distill, self_distill_batched
+from phis.selfdistill.theory import softmax
 
 ETAS = (0.0, 0.1, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
 BLOCK = {"kind": "block", "name": "block", "K": 10, "n": 50, "c": 0.4, "d": 0.1, "n_test": 20}

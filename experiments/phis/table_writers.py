@@ -10,8 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.phis_index import note_missing
-from experiments.phis_runs import LABELS, REFERENCE, Run, paper_rows, teacher_names, tmse_split
+from experiments.phis.index import note_missing
+from experiments.phis.runs import LABELS, REFERENCE, Run, paper_rows, teacher_names, tmse_split
 from phis.ranks import RankTable, metric_group, ordinal, rank_table, spearman
 from phis.results import (
     atomic_write_text,

@@ -1,9 +1,9 @@
 """SD-PLL paper layer: the tables and figures built from sweep results, and the study driver.
 
-    python -m experiments.selfdistill run --profile mini --out experiments/results/selfdistill
-    python -m experiments.selfdistill run --profile paper [overrides...]   # the six datasets' grids
-    python -m experiments.selfdistill dry-run --profile paper               # list the jobs, run nothing
-    python -m experiments.selfdistill aggregate <sweep_dir> <out_dir>
+    python -m experiments.selfdistill.study run --profile mini --out experiments/results/selfdistill
+    python -m experiments.selfdistill.study run --profile paper [overrides...]   # the six datasets' grids
+    python -m experiments.selfdistill.study dry-run --profile paper               # list the jobs, run nothing
+    python -m experiments.selfdistill.study aggregate <sweep_dir> <out_dir>
 
 ``run`` launches every experiment's sweep (``python -m phis.selfdistill.sweep sd_experiment=<name>
 hydra.sweep.dir=<sweeps>/<name>``: the SGD jobs of a table trained as batches of probes, then the Hydra
@@ -374,7 +374,7 @@ def write_summary(out: Path, timings: dict) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m experiments.selfdistill", description=__doc__.split("\n")[0]
+        prog="python -m experiments.selfdistill.study", description=__doc__.split("\n")[0]
     )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="launch every SD-PLL experiment's sweep, then aggregate")

@@ -1,7 +1,7 @@
 """Benchmark: streaming moments (phis.stats), float32 and float64 products, vs one-shot ``torch.cov``.
 
-    python -m experiments.bench_stats --threads 2                    # C ∈ {1024, 1536}, 2^19 tokens
-    python -m experiments.bench_stats --dims 256 --tokens 65536      # quick run
+    python -m experiments.bench.stats --threads 2                    # C ∈ {1024, 1536}, 2^19 tokens
+    python -m experiments.bench.stats --dims 256 --tokens 65536      # quick run
 
 Features are synthetic float32 tokens with SAM-like channel offsets (means in ±60, stds 2–30) and
 low-rank correlations, generated batch by batch from a seeded generator (generation is not timed).

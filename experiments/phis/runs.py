@@ -16,7 +16,7 @@ from phis.results import (
     run_metrics,
 )
 
-REFERENCE = Path(__file__).resolve().parent / "reference"
+REFERENCE = Path(__file__).resolve().parents[1] / "reference"
 
 
 # Rows of PHI-S Tables 1/3 (ten methods) and Table 12 (plus the two AdaLoss rows), paper order.

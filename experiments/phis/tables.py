@@ -1,9 +1,9 @@
 """PHI-S paper layer: a method sweep's results.json files → tables (markdown + CSV) and figures.
 
-    python -m experiments.phis_tables aggregate <sweep_dir> <out_dir>   # Tables 1, 3, 12, downstream
-    python -m experiments.phis_tables analyses <sweep_dir> <out_dir>    # Tables 5-9, Figs. 1, 2, 3, 9
-    python -m experiments.phis_tables dry-run --profile paper [--launcher slurm]
-    python -m experiments.phis_tables index <out_dir>
+    python -m experiments.phis.tables aggregate <sweep_dir> <out_dir>   # Tables 1, 3, 12, downstream
+    python -m experiments.phis.tables analyses <sweep_dir> <out_dir>    # Tables 5-9, Figs. 1, 2, 3, 9
+    python -m experiments.phis.tables dry-run --profile paper [--launcher slurm]
+    python -m experiments.phis.tables index <out_dir>
 
 ``aggregate`` and ``aggregate_analyses`` are also the ``on_multirun_end`` hooks of
 conf/experiment/phis_methods.yaml and phis_analyses.yaml; run by hand they turn whatever finished under
@@ -11,8 +11,8 @@ a sweep directory into tables (a partial sweep gives partial tables). Our number
 standard deviations over seeds; the paper's numbers (experiments/reference/, ViT-B/16, teachers DFN
 CLIP / SigLIP / DINOv2 / SAM) are printed in separate, labelled columns beside them, never merged.
 
-The work is split by job: ``phis_runs`` (loading runs and their teacher data), ``phis_table_writers``
-(tables), ``phis_figures`` (figures), ``phis_index`` (the results index) and ``phis_dry_run``.
+The work is split by job: ``runs`` (loading runs and their teacher data), ``table_writers`` (tables),
+``figures`` (figures), ``index`` (the results index) and ``dry_run``.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments.phis_dry_run import PROFILES, dry_run
-from experiments.phis_figures import channel_loss_outputs, loss_curve_outputs, teacher_feature_outputs
-from experiments.phis_index import write_index
-from experiments.phis_runs import METHODS_5, METHODS_10, METHODS_12, by_method, load_runs, teacher_features
-from experiments.phis_table_writers import (
+from experiments.phis.dry_run import PROFILES, dry_run
+from experiments.phis.figures import channel_loss_outputs, loss_curve_outputs, teacher_feature_outputs
+from experiments.phis.index import write_index
+from experiments.phis.runs import METHODS_5, METHODS_10, METHODS_12, by_method, load_runs, teacher_features
+from experiments.phis.table_writers import (
     downstream_table,
     error_variance_outputs,
     rank_outputs,

@@ -1,7 +1,7 @@
 """A paper-size training step on one GPU: images/s, where the time goes, peak memory, student MFU.
 
-    python -m experiments.bench_gpu [--batch-sizes 32 max] [--steps 20] [--warmup 5] [--out PATH]
-    python -m experiments.bench_gpu --tiny --device cpu          # the same code at toy sizes (tests)
+    python -m experiments.bench.gpu [--batch-sizes 32 max] [--steps 20] [--warmup 5] [--out PATH]
+    python -m experiments.bench.gpu --tiny --device cpu          # the same code at toy sizes (tests)
 
 The PHI-S teacher set (DFN CLIP ViT-H/14-378, SigLIP SO400M/14-384, DINOv2-g/14-reg, SAM ViT-H) at
 its real architectures with random weights (``random_init``: nothing is downloaded), the ViT-B/16
@@ -39,7 +39,7 @@ from phis.module import resample_grid
 from phis.results import atomic_write_text, markdown_table
 from phis.teachers import build_teacher
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 PARTS = ("teachers", "statistics", "student", "optimizer")
 # Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}

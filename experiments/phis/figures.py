@@ -7,14 +7,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from experiments.phis_index import note_missing
-from experiments.phis_runs import LABELS, Run, channel_losses, metrics_csv, ref_normalizer
-from experiments.phis_table_writers import write_paper_table
+from experiments.phis.index import note_missing
+from experiments.phis.runs import LABELS, Run, channel_losses, metrics_csv, ref_normalizer
+from experiments.phis.table_writers import write_paper_table
 
 
 def loss_curve_outputs(first: Mapping[str, Run], out: Path) -> list[Path]:
     """Fig. 3 from the runs' metrics CSVs (needs no teacher cache or checkpoint)."""
-    from experiments import paper_analyses as analyses
+    from experiments.phis import analyses
 
     curves = {LABELS.get(m, m): path for m, r in first.items() if (path := metrics_csv(r.dir)) is not None}
     if not curves:
@@ -29,7 +29,7 @@ def loss_curve_outputs(first: Mapping[str, Run], out: Path) -> list[Path]:
 
 def teacher_feature_outputs(ref: Run, out: Path, feats: Mapping[str, Any]) -> list[Path]:
     """Table 9 and Figs. 1, 2 from ``ref``'s teacher features (``teacher_features(ref.dir)``)."""
-    from experiments import paper_analyses as analyses
+    from experiments.phis import analyses
 
     rows = analyses.hadamard_alignment_table(feats)
     table9 = write_paper_table(
@@ -50,7 +50,7 @@ def teacher_feature_outputs(ref: Run, out: Path, feats: Mapping[str, Any]) -> li
 
 def channel_loss_outputs(first: Mapping[str, Run], out: Path) -> list[Path]:
     """Fig. 9 from each run's final checkpoint on its held-out split."""
-    from experiments import paper_analyses as analyses
+    from experiments.phis import analyses
 
     losses: dict[str, dict[str, Any]] = {}
     for m, r in first.items():

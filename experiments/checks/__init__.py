@@ -1,0 +1,1 @@
+"""Checks of the paper-scale configuration that need real sizes but no training run."""
