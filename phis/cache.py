@@ -14,12 +14,15 @@ build leaves no half-written entry behind and two processes building the same en
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -297,3 +300,61 @@ class TeacherCache:
         """Stream the stored features in order as float32 ``[b, h, w, Cf]`` chunks."""
         for i in range(0, len(self), batch_size):
             yield torch.from_numpy(np.array(self.features[i : i + batch_size], dtype=np.float32))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inspecting and clearing the caches: python -m phis.cache [FOLDER ...] [--clear]
+
+# What the runs store in a cache folder: teacher entries (<name>-<key>) and their build leftovers,
+# matched-teacher maps, and the self-distillation feature files (conf/selfdistill.yaml's cache_dir).
+_ENTRY = re.compile(
+    r"^([A-Za-z_]\w*-[0-9a-f]{16}|\.tmp-.+|\.locks|stats_match|selfdistill|resnet34_.+|.+\.npz)$"
+)
+
+
+def default_folders() -> list[Path]:
+    """The cache folders of the default configs: ``$PHIS_CACHE_DIR`` (teacher outputs; the feature files
+    of the self-distillation study in its ``selfdistill/``), else ``.cache/phis`` and ``.cache/selfdistill``
+    under the current directory, where runs started from the repository keep them."""
+    env = os.environ.get("PHIS_CACHE_DIR")
+    return [Path(env)] if env else [Path(".cache/phis"), Path(".cache/selfdistill")]
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """List the entries of the cache folders with their sizes; ``--clear`` removes them. Only what the
+    runs write there is touched (anything else in a folder is named and left alone). A removed entry is
+    rebuilt by the next run that needs it."""
+    parser = argparse.ArgumentParser(prog="python -m phis.cache", description=main.__doc__)
+    parser.add_argument("folders", nargs="*", type=Path, help="default: the default configs' cache folders")
+    parser.add_argument("--clear", action="store_true", help="remove the listed entries")
+    args = parser.parse_args(argv)
+    total = 0
+    for folder in args.folders or default_folders():
+        if not folder.is_dir():
+            print(f"{folder}: no cache here")
+            continue
+        print(f"{folder}:")
+        for entry in sorted(folder.iterdir()):
+            if not _ENTRY.match(entry.name):
+                print(f"  {entry.name}: not a cache entry, left alone")
+                continue
+            size = _size(entry)
+            total += size
+            print(f"  {entry.name}  {size / 2**20:.1f} MiB")
+            if args.clear and entry.is_dir():
+                shutil.rmtree(entry)
+            elif args.clear:
+                entry.unlink()
+    verb = "removed" if args.clear else "in all (--clear removes them)"
+    print(f"{total / 2**20:.1f} MiB {verb}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,11 +1,19 @@
-"""Shared test set-up: offline, CPU-only, deterministic."""
+"""Shared test set-up: offline, CPU-only, deterministic, with caches in a temporary folder."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Teacher outputs and extracted features of the tests' tiny models go to a folder of this session
+# (commands the tests start inherit it), never into the repository's or the user's cache.
+_CACHE = tempfile.mkdtemp(prefix="phis-test-cache-")
+os.environ["PHIS_CACHE_DIR"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from phis.cache import TeacherCache, cache_key
-from phis.data import OfflineImagePool
+from phis.photos import OfflineImagePool
 from phis.teachers import TeacherOutput
 
 
@@ -192,3 +192,19 @@ def test_side_by_side_jobs_build_free_entries_before_waiting(tmp_path, pool) -> 
     ensure_all([(a, maker("a")), (b, maker("b"))], batch_size=4)
     holder.join(30)
     assert order == ["b", "a"] and a.ready and b.ready
+
+
+def test_cache_command_lists_and_clears_only_cache_entries(tmp_path, pool, capsys) -> None:
+    from phis.cache import main
+
+    cache = TeacherCache(tmp_path, "t", {"family": "tiny"}, pool)
+    cache.path.mkdir(parents=True)
+    (cache.path / "features.npy").write_bytes(b"x" * 2048)
+    (tmp_path / "digits_224px.npz").write_bytes(b"y")
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main([str(tmp_path)]) == 0
+    listed = capsys.readouterr().out
+    assert cache.path.name in listed and "notes.txt: not a cache entry, left alone" in listed
+    assert cache.path.is_dir()  # listing removes nothing
+    assert main([str(tmp_path), "--clear"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
