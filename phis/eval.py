@@ -39,6 +39,7 @@ from phis.evaldata import (
     prompt_templates,
     segmentation_set,
 )
+from phis.images import DECODE_MODES
 from phis.metrics import (
     DEFAULT_TEMPLATE,
     classifier_zero_shot,
@@ -100,6 +101,7 @@ class EvalConfig:
     imagenet_labels: bool = False
     ade20k_root: str | None = None
     voc_root: str | None = None
+    decode: str = "reduced"  # JPEGs of the image_folder/ade20k/voc sets: phis.images.DECODE_MODES
     jsonl: str = "eval.jsonl"
 
     @classmethod
@@ -115,6 +117,8 @@ class EvalConfig:
             if key in values:
                 values[key] = (values[key],) if isinstance(values[key], str) else tuple(values[key])
         out = cls(**values)
+        if out.decode not in DECODE_MODES:
+            raise ValueError(f"unknown eval.decode {out.decode!r}; choose one of {DECODE_MODES}")
         if out.heldout_split not in HELDOUT_SPLITS:
             raise ValueError(
                 f"unknown eval.heldout_split {out.heldout_split!r}; choose one of {HELDOUT_SPLITS}"
@@ -314,8 +318,8 @@ def _classification_metrics(
     """kNN, RankMe and zero-shot on one labelled set; results go into the three dicts."""
     root = _set_root(ecfg, set_name)
     names = _class_names(ecfg) if set_name == "image_folder" else None
-    train = classification_set(set_name, "train", size, root, ecfg.knn_limit, ecfg.seed, names)
-    test = classification_set(set_name, "test", size, root, ecfg.knn_limit, ecfg.seed, names)
+    train = classification_set(set_name, "train", size, root, ecfg.knn_limit, ecfg.seed, names, ecfg.decode)
+    test = classification_set(set_name, "test", size, root, ecfg.knn_limit, ecfg.seed, names, ecfg.decode)
     tr = _embed(module, train, ecfg.batch_size)
     te = _embed(module, test, ecfg.batch_size, ecfg.rankme_images)
     k = min(ecfg.knn_k, len(tr.targets))  # a capped small set may hold fewer than k samples
@@ -341,8 +345,10 @@ def _segmentation_probe(module: Any, set_name: str, size: int, ecfg: EvalConfig)
     """Linear-probe segmentation on frozen trunk patch features of one set (mIoU and details)."""
     root = _set_root(ecfg, set_name)
     limit = ecfg.seg_limit if set_name != "collage" else None
-    train = _capped(segmentation_set(set_name, "train", size, root, seed=ecfg.seed), limit)
-    test = _capped(segmentation_set(set_name, "test", size, root, seed=ecfg.seed), limit)
+    train, test = (
+        _capped(segmentation_set(set_name, split, size, root, seed=ecfg.seed, decode=ecfg.decode), limit)
+        for split in ("train", "test")
+    )
     tr = _embed(module, train, ecfg.batch_size, len(train))
     te = _embed(module, test, ecfg.batch_size, len(test))
     num_classes = (train.dataset if isinstance(train, Subset) else train).num_classes
