@@ -46,7 +46,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from phis.images import IMAGE_EXTENSIONS, check_decode, decode_crop, list_images, resized_size
+from phis.images import IMAGE_EXTENSIONS, check_decode, decode_crop, list_images, resize_crop
 
 IGNORE_INDEX = 255
 SPLITS = ("train", "test")
@@ -229,18 +229,6 @@ def _require_dir(path: Path, what: str) -> Path:
     return path
 
 
-def _resize_crop(img: Tensor, size: int, mode: str) -> Tensor:
-    """Resize ``img: [C, H, W]`` so the shorter side is ``size``, then centre-crop to ``size × size``."""
-    _, h, w = img.shape
-    nw, nh = resized_size(w, h, size)
-    if mode == "nearest":
-        out = F.interpolate(img[None].float(), size=(nh, nw), mode="nearest")[0]
-    else:
-        out = F.interpolate(img[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return out[:, top : top + size, left : left + size]
-
-
 def _load_rgb(path: Path, size: int, decode: str) -> Tensor:
     """An image as float ``[3, S, S]`` in [0, 1]: exact, an antialiased bilinear resize of the full decode
     in float; reduced, ``phis.images.decode_crop``'s reduced path with the same (PIL's) filter."""
@@ -249,7 +237,7 @@ def _load_rgb(path: Path, size: int, decode: str) -> Tensor:
     with Image.open(path) as im:
         arr = np.asarray(im.convert("RGB"))
     img = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
-    return _resize_crop(img, size, "bilinear").clamp(0.0, 1.0)
+    return resize_crop(img, size, "bilinear").clamp(0.0, 1.0)
 
 
 def _load_mask(path: Path, size: int) -> Tensor:
@@ -257,7 +245,7 @@ def _load_mask(path: Path, size: int) -> Tensor:
         arr = np.asarray(im)  # palette PNGs give indices, label PNGs give values
     if arr.ndim != 2:
         raise ValueError(f"segmentation mask {path} has shape {arr.shape}; expected a single-channel PNG")
-    return _resize_crop(torch.from_numpy(arr.astype(np.int64))[None], size, "nearest")[0].long()
+    return resize_crop(torch.from_numpy(arr.astype(np.int64))[None], size, "nearest")[0].long()
 
 
 class ImageFolderSet(Dataset):
