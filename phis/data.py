@@ -19,32 +19,32 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset, default_collate
 
 from phis.cache import TeacherCache, ensure_all
-from phis.images import IMAGE_EXTENSIONS, is_image
+from phis.images import IMAGE_EXTENSIONS, check_decode, decode_crop, is_image
 from phis.photos import OfflineImagePool
 from phis.stages import StagePlan, per_rank_batch, rank_batches
 
 log = logging.getLogger(__name__)
 
 
-def to_tensor(image: Image.Image) -> Tensor:
-    """PIL RGB image → float ``[3, H, W]`` in [0, 1]."""
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
-
-
 class ImageFolder(Dataset):
-    """Every image under ``root`` (recursively), resized on the short side and centre-cropped.
+    """Every image under ``root`` (recursively), resized on the short side and centre-cropped
+    (``phis.images.decode_crop``; ``decode``: one of ``phis.images.DECODE_MODES``).
 
     The held-out split is chosen per file by a hash of its relative path, so it is stable when files are
     added and never shares an image with the training split.
     """
 
     def __init__(
-        self, root: str | os.PathLike, size: int = 224, split: str = "train", val_fraction: float = 0.05
+        self,
+        root: str | os.PathLike,
+        size: int = 224,
+        split: str = "train",
+        val_fraction: float = 0.05,
+        decode: str = "reduced",
     ):
         if split not in ("train", "val", "all"):
             raise ValueError(f"unknown split {split!r}; choose one of train, val, all")
@@ -54,6 +54,7 @@ class ImageFolder(Dataset):
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
         self.size, self.split, self.val_fraction = int(size), split, float(val_fraction)
+        self.decode = check_decode(decode)
         files = sorted(p.relative_to(self.root) for p in self.root.rglob("*") if is_image(p))
         self.files = [f for f in files if split == "all" or (self._is_val(f) == (split == "val"))]
         if not self.files:
@@ -70,13 +71,7 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, index: int) -> Tensor:
         """Float ``[3, S, S]`` in [0, 1]."""
-        with Image.open(self.root / self.files[index]) as im:
-            im = im.convert("RGB")
-            scale = self.size / min(im.size)
-            w, h = max(self.size, round(im.width * scale)), max(self.size, round(im.height * scale))
-            im = im.resize((w, h), Image.Resampling.BICUBIC)
-            left, top = (w - self.size) // 2, (h - self.size) // 2
-            return to_tensor(im.crop((left, top, left + self.size, top + self.size)))
+        return decode_crop(self.root / self.files[index], self.size, self.decode).float() / 255.0
 
     def fingerprint(self) -> dict[str, Any]:
         """Root, split and a digest of every file's path, size and modification time."""
@@ -90,6 +85,7 @@ class ImageFolder(Dataset):
             "split": self.split,
             "val_fraction": self.val_fraction,
             "size": self.size,
+            "decode": self.decode,
             "files": digest.hexdigest(),
         }
 
@@ -445,7 +441,7 @@ class DistillDataModule(pl.LightningDataModule):
         if split == "train" and self.streaming:
             from phis.shards import HeldoutImages
 
-            images = HeldoutImages(images.urls, images.size, limit or 1024, name="train_shards")
+            images = HeldoutImages(images.urls, images.size, limit or 1024, "train_shards", images.decode)
         data = DistillDataset(images, self.caches.get(split))
         count = len(data) if limit is None else min(limit, len(data))
         if count == len(data) and world_size == 1:
@@ -538,13 +534,17 @@ class DistillDataModule(pl.LightningDataModule):
 
 
 def heldout_set(
-    source: str | Sequence[str] | None, size: int, limit: int = 1024, name: str = "heldout"
+    source: str | Sequence[str] | None,
+    size: int,
+    limit: int = 1024,
+    name: str = "heldout",
+    decode: str = "reduced",
 ) -> Dataset:
     """Held-out set of a shard run: ``phis.shards.HeldoutImages`` of ``source`` (shards or a folder), or
-    crops of the offline test photos if None."""
+    crops of the offline test photos if None (rendered from arrays: ``decode`` does not apply)."""
     if source is None:
         log.info("no data.heldout given: held-out metrics use %d crops of the offline test photos", limit)
         return OfflineImagePool("test", size, limit)
     from phis.shards import HeldoutImages
 
-    return HeldoutImages(source, size, limit, name)
+    return HeldoutImages(source, size, limit, name, decode)

@@ -215,8 +215,8 @@ def _classification_metrics(
     """kNN, RankMe and zero-shot on one labelled set; results go into the three dicts."""
     root = _set_root(ecfg, set_name)
     names = class_names(ecfg) if set_name == "image_folder" else None
-    train = classification_set(set_name, "train", size, root, ecfg.knn_limit, ecfg.seed, names)
-    test = classification_set(set_name, "test", size, root, ecfg.knn_limit, ecfg.seed, names)
+    train = classification_set(set_name, "train", size, root, ecfg.knn_limit, ecfg.seed, names, ecfg.decode)
+    test = classification_set(set_name, "test", size, root, ecfg.knn_limit, ecfg.seed, names, ecfg.decode)
     tr = _embed(module, train, ecfg.batch_size)
     te = _embed(module, test, ecfg.batch_size, ecfg.rankme_images)
     k = min(ecfg.knn_k, len(tr.targets))  # a capped small set may hold fewer than k samples
@@ -242,8 +242,10 @@ def _segmentation_probe(module: Any, set_name: str, size: int, ecfg: EvalConfig)
     """Linear-probe segmentation on frozen trunk patch features of one set (mIoU and details)."""
     root = _set_root(ecfg, set_name)
     limit = ecfg.seg_limit if set_name != "collage" else None
-    train = _capped(segmentation_set(set_name, "train", size, root, seed=ecfg.seed), limit)
-    test = _capped(segmentation_set(set_name, "test", size, root, seed=ecfg.seed), limit)
+    train, test = (
+        _capped(segmentation_set(set_name, split, size, root, seed=ecfg.seed, decode=ecfg.decode), limit)
+        for split in ("train", "test")
+    )
     tr = _embed(module, train, ecfg.batch_size, len(train))
     te = _embed(module, test, ecfg.batch_size, len(test))
     num_classes = (train.dataset if isinstance(train, Subset) else train).num_classes

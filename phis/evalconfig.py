@@ -18,6 +18,7 @@ from phis.evaldata import (
     imagenet_class_names,
     prompt_templates,
 )
+from phis.images import DECODE_MODES
 from phis.metrics import DEFAULT_TEMPLATE
 
 HELDOUT_SPLITS = ("auto", "test", "val")
@@ -62,6 +63,7 @@ class EvalConfig:
     imagenet_labels: bool = False
     ade20k_root: str | None = None
     voc_root: str | None = None
+    decode: str = "reduced"  # JPEGs of the image_folder/ade20k/voc sets: phis.images.DECODE_MODES
     jsonl: str = "eval.jsonl"
 
     @classmethod
@@ -77,6 +79,8 @@ class EvalConfig:
             if key in values:
                 values[key] = (values[key],) if isinstance(values[key], str) else tuple(values[key])
         out = cls(**values)
+        if out.decode not in DECODE_MODES:
+            raise ValueError(f"unknown eval.decode {out.decode!r}; choose one of {DECODE_MODES}")
         if out.heldout_split not in HELDOUT_SPLITS:
             raise ValueError(
                 f"unknown eval.heldout_split {out.heldout_split!r}; choose one of {HELDOUT_SPLITS}"

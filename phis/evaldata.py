@@ -20,7 +20,8 @@ Offline sets (no download; deterministic for a given seed):
   to label a pixel is to recognise the texture/content around it.
 
 User datasets (lazy loading; images resized so the shorter side is ``size`` and centre-cropped to
-``size × size``, masks with nearest-neighbour):
+``size × size``, masks with nearest-neighbour; JPEGs decoded at a reduced scale unless ``decode="exact"``,
+see ``phis.images``):
 
 - ImageNet-style class folders ``root/<class>/<image>`` (classes sorted by folder name; for the
   ImageNet-1k folders this is the standard class-index order, which the classifier-head zero-shot needs).
@@ -41,10 +42,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from phis.images import IMAGE_EXTENSIONS, list_images
+from phis.images import IMAGE_EXTENSIONS, check_decode, decode_crop, list_images, resize_crop
 
 IGNORE_INDEX = 255
 SPLITS = ("train", "test")
@@ -227,42 +229,30 @@ def _require_dir(path: Path, what: str) -> Path:
     return path
 
 
-def _resize_crop(img: Tensor, size: int, mode: str) -> Tensor:
-    """Resize ``img: [C, H, W]`` so the shorter side is ``size``, then centre-crop to ``size × size``."""
-    _, h, w = img.shape
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    if mode == "nearest":
-        out = F.interpolate(img[None].float(), size=(nh, nw), mode="nearest")[0]
-    else:
-        out = F.interpolate(img[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return out[:, top : top + size, left : left + size]
-
-
-def _load_rgb(path: Path, size: int) -> Tensor:
-    from PIL import Image
-
+def _load_rgb(path: Path, size: int, decode: str) -> Tensor:
+    """An image as float ``[3, S, S]`` in [0, 1]: exact, an antialiased bilinear resize of the full decode
+    in float; reduced, ``phis.images.decode_crop``'s reduced path with the same (PIL's) filter."""
+    if decode == "reduced":
+        return decode_crop(path, size, decode, Image.Resampling.BILINEAR).float() / 255.0
     with Image.open(path) as im:
         arr = np.asarray(im.convert("RGB"))
     img = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
-    return _resize_crop(img, size, "bilinear").clamp(0.0, 1.0)
+    return resize_crop(img, size, "bilinear").clamp(0.0, 1.0)
 
 
 def _load_mask(path: Path, size: int) -> Tensor:
-    from PIL import Image
-
     with Image.open(path) as im:
         arr = np.asarray(im)  # palette PNGs give indices, label PNGs give values
     if arr.ndim != 2:
         raise ValueError(f"segmentation mask {path} has shape {arr.shape}; expected a single-channel PNG")
-    return _resize_crop(torch.from_numpy(arr.astype(np.int64))[None], size, "nearest")[0].long()
+    return resize_crop(torch.from_numpy(arr.astype(np.int64))[None], size, "nearest")[0].long()
 
 
 class ImageFolderSet(Dataset):
     """ImageNet-style ``root/<class>/<image>`` folders; label = index of the class folder in sorted order.
 
-    ``limit`` keeps that many evenly spaced images of the class-sorted list.
+    ``limit`` keeps that many evenly spaced images of the class-sorted list; ``decode``: one of
+    ``phis.images.DECODE_MODES``.
     """
 
     def __init__(
@@ -271,8 +261,10 @@ class ImageFolderSet(Dataset):
         size: int = 224,
         class_names: Sequence[str] | None = None,
         limit: int | None = None,
+        decode: str = "reduced",
     ) -> None:
         _check_size(size)
+        self.decode = check_decode(decode)
         self.root = _require_dir(Path(root), "image-folder dataset")
         folders = sorted(p for p in self.root.iterdir() if p.is_dir())
         if not folders:
@@ -298,7 +290,7 @@ class ImageFolderSet(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         path, label = self.samples[i]
-        return _load_rgb(path, self.size), label
+        return _load_rgb(path, self.size, self.decode), label
 
 
 @dataclass
@@ -308,14 +300,22 @@ class _SegPair:
 
 
 class SegmentationFolderSet(Dataset):
-    """Image/mask pairs from disk with a label remapping (``remap: [256]`` lookup table)."""
+    """Image/mask pairs from disk with a label remapping (``remap: [256]`` lookup table); images decoded
+    with ``decode`` (one of ``phis.images.DECODE_MODES``), masks in full."""
 
     def __init__(
-        self, name: str, pairs: list[_SegPair], size: int, remap: Tensor, class_names: Sequence[str]
+        self,
+        name: str,
+        pairs: list[_SegPair],
+        size: int,
+        remap: Tensor,
+        class_names: Sequence[str],
+        decode: str = "reduced",
     ) -> None:
         if not pairs:
             raise FileNotFoundError(f"{name}: no image/mask pairs found")
         self.name, self.pairs, self.size, self.remap = name, pairs, size, remap
+        self.decode = check_decode(decode)
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)
 
@@ -327,10 +327,12 @@ class SegmentationFolderSet(Dataset):
         mask = _load_mask(pair.mask, self.size)
         if int(mask.max()) >= len(self.remap) or int(mask.min()) < 0:
             raise ValueError(f"{self.name}: mask {pair.mask} has labels outside 0..{len(self.remap) - 1}")
-        return _load_rgb(pair.image, self.size), self.remap[mask]
+        return _load_rgb(pair.image, self.size, self.decode), self.remap[mask]
 
 
-def ade20k_set(root: str | Path, split: str, size: int = 256) -> SegmentationFolderSet:
+def ade20k_set(
+    root: str | Path, split: str, size: int = 256, decode: str = "reduced"
+) -> SegmentationFolderSet:
     """ADE20k SceneParsing (150 classes; label 0 is ignored, label k becomes class k − 1)."""
     _check_split(split)
     _check_size(size)
@@ -347,10 +349,10 @@ def ade20k_set(root: str | Path, split: str, size: int = 256) -> SegmentationFol
     remap = torch.full((256,), IGNORE_INDEX, dtype=torch.long)
     remap[1 : ADE20K_NUM_CLASSES + 1] = torch.arange(ADE20K_NUM_CLASSES)
     names = [f"class_{k}" for k in range(ADE20K_NUM_CLASSES)]
-    return SegmentationFolderSet("ade20k", pairs, size, remap, names)
+    return SegmentationFolderSet("ade20k", pairs, size, remap, names, decode)
 
 
-def voc_set(root: str | Path, split: str, size: int = 256) -> SegmentationFolderSet:
+def voc_set(root: str | Path, split: str, size: int = 256, decode: str = "reduced") -> SegmentationFolderSet:
     """Pascal VOC 2012 segmentation (21 classes, 255 ignored); ``test`` reads the ``val`` list."""
     _check_split(split)
     _check_size(size)
@@ -370,7 +372,7 @@ def voc_set(root: str | Path, split: str, size: int = 256) -> SegmentationFolder
         pairs.append(_SegPair(img, mask))
     remap = torch.full((256,), IGNORE_INDEX, dtype=torch.long)
     remap[: len(VOC_CLASSES)] = torch.arange(len(VOC_CLASSES))
-    return SegmentationFolderSet("voc", pairs, size, remap, VOC_CLASSES)
+    return SegmentationFolderSet("voc", pairs, size, remap, VOC_CLASSES, decode)
 
 
 def classification_set(
@@ -381,12 +383,13 @@ def classification_set(
     limit: int | None = None,
     seed: int = 0,
     class_names: Sequence[str] | None = None,
+    decode: str = "reduced",
 ) -> Dataset:
     """A kNN / zero-shot set by name; ``limit`` caps the images per split, spread over all classes.
 
     ``image_folder`` reads class folders from ``root/train`` and ``root/test`` (or ``root/val``), named
-    by ``class_names`` (default: the folder names); a limit keeps evenly spaced images of the sorted
-    list, so every class stays represented.
+    by ``class_names`` (default: the folder names), decoded with ``decode``; a limit keeps evenly spaced
+    images of the sorted list, so every class stays represented.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 image per split, got {limit}")
@@ -401,20 +404,27 @@ def classification_set(
         sub = Path(root) / split
         if split == "test" and not sub.is_dir():
             sub = Path(root) / "val"
-        return ImageFolderSet(sub, size, class_names=class_names, limit=limit)
+        return ImageFolderSet(sub, size, class_names=class_names, limit=limit, decode=decode)
     raise ValueError(f"unknown classification set {name!r}; choose one of {CLASSIFICATION_SETS}")
 
 
 def segmentation_set(
-    name: str, split: str, size: int, root: str | Path | None = None, count: int | None = None, seed: int = 0
+    name: str,
+    split: str,
+    size: int,
+    root: str | Path | None = None,
+    count: int | None = None,
+    seed: int = 0,
+    decode: str = "reduced",
 ) -> Dataset:
-    """Build a segmentation set by name (``SEGMENTATION_SETS``); ade20k/voc need ``root``."""
+    """Build a segmentation set by name (``SEGMENTATION_SETS``); ade20k/voc need ``root`` and decode their
+    images with ``decode``."""
     if name == "collage":
         return collage_set(split, size, count=count, seed=seed)
     if name in ("ade20k", "voc"):
         if root is None:
             raise ValueError(f"{name} needs root=<dataset folder>; see phis.evaldata for the expected layout")
-        return (ade20k_set if name == "ade20k" else voc_set)(root, split, size)
+        return (ade20k_set if name == "ade20k" else voc_set)(root, split, size, decode)
     raise ValueError(f"unknown segmentation set {name!r}; choose one of {SEGMENTATION_SETS}")
 
 

@@ -17,8 +17,10 @@ resumes at global step s replays exactly the batches an uninterrupted run sees f
 - samples: a shuffle buffer per unit; batches are ``batch_size`` consecutive buffer outputs. Resuming
   mid-epoch skips the raw (undecoded) batches that were already trained on.
 
-Undecodable samples and unreadable shards are skipped, counted and logged, never fatal; a batch keeps
-its decodable images (it is smaller by the skipped ones, so the positions of later batches never move).
+Images are decoded to the stream's size by ``phis.images`` (reduced-scale JPEG decoding unless
+``decode="exact"``). Undecodable samples and unreadable shards are skipped, counted and logged, never
+fatal; a batch keeps its decodable images (it is smaller by the skipped ones, so the positions of later
+batches never move).
 """
 
 from __future__ import annotations
@@ -32,15 +34,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from phis.images import list_images
+from phis.images import check_decode, decode_crop, decode_jpegs, list_images
 
 log = logging.getLogger(__name__)
 
 SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+DECODE_DEVICES = ("cpu", "cuda")
 MAX_EMPTY_SHARDS = 8  # consecutive shards without a sample before a stream gives up
 
 
@@ -55,25 +57,14 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
     return out
 
 
-def center_crop(image: Image.Image, size: int) -> Tensor:
-    """RGB image → uint8 ``[3, S, S]``: short side resized to ``size``, centre square kept."""
-    image = image.convert("RGB")
-    scale = size / min(image.size)
-    w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-    image = image.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left, top = (w - size) // 2, (h - size) // 2
-    crop = image.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
-def decode_sample(sample: dict[str, Any], size: int) -> Tensor:
-    """The image of one shard sample as uint8 ``[3, S, S]``; raises ValueError when there is none."""
+def decode_sample(sample: dict[str, Any], size: int, decode: str = "reduced") -> Tensor:
+    """The image of one shard sample as uint8 ``[3, S, S]`` (``phis.images.decode_crop``); raises
+    ValueError when there is none."""
     ext = next((k for k in SHARD_IMAGE_KEYS if k in sample), None)
     if ext is None:
         keys = sorted(k for k in sample if not k.startswith("__"))
         raise ValueError(f"sample has no image (.{'/.'.join(SHARD_IMAGE_KEYS)}), only {keys}")
-    with Image.open(io.BytesIO(sample[ext])) as im:
-        return center_crop(im, size)
+    return decode_crop(io.BytesIO(sample[ext]), size, decode)
 
 
 class _Skips:
@@ -135,6 +126,10 @@ class ShardStream(IterableDataset):
     ``epoch_steps=None`` makes one pass (not resampled) over this unit's shards and ends; otherwise
     every iteration runs from the start step set by ``place`` to the end of that virtual epoch. Each
     batch is ``{"images": uint8 [B, 3, S, S], "keys": [B keys], "skipped": samples dropped from it}``.
+
+    ``decode`` is a ``phis.images.DECODE_MODES`` mode. ``decode_device="cuda"`` decodes the JPEGs on the
+    GPU instead (in full, with nvJPEG; other formats on the CPU) and yields CUDA batches; CUDA cannot
+    start in forked loader workers, so that stream runs in the training process (no workers).
     """
 
     def __init__(
@@ -146,6 +141,8 @@ class ShardStream(IterableDataset):
         resampled: bool = True,
         shuffle_buffer: int = 1000,
         epoch_steps: int | None = 1000,
+        decode: str = "reduced",
+        decode_device: str = "cpu",
     ) -> None:
         if size < 1 or batch_size < 1:
             raise ValueError(f"size and batch_size must be positive, got {size}, {batch_size}")
@@ -157,6 +154,16 @@ class ShardStream(IterableDataset):
         self.size, self.batch_size, self.seed = int(size), int(batch_size), int(seed)
         self.resampled, self.shuffle_buffer = bool(resampled), int(shuffle_buffer)
         self.epoch_steps = epoch_steps
+        self.decode, self.decode_device = check_decode(decode), decode_device
+        if decode_device not in DECODE_DEVICES:
+            raise ValueError(
+                f"unknown decode_device {decode_device!r}; choose one of {', '.join(DECODE_DEVICES)}"
+            )
+        if decode_device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(
+                "decode_device=cuda decodes JPEGs on the GPU, but torch sees no CUDA device here; "
+                "use decode_device=cpu (data.decode_device=cpu)"
+            )
         self.rank, self.world_size, self.start_step = 0, 1, 0
         self.stop_step: int | None = None
 
@@ -224,20 +231,42 @@ class ShardStream(IterableDataset):
         if batch:
             yield batch
 
+    def _crops(self, raw: list[dict]) -> list[Tensor | Exception]:
+        """Each sample's image at this stream's size, or the error that kept it from decoding."""
+        crops: dict[int, Tensor | Exception] = {}
+        jpegs: dict[int, bytes] = {}  # decoded together on the GPU with decode_device=cuda
+        for i, s in enumerate(raw):
+            jpeg = next((s[k] for k in ("jpg", "jpeg") if k in s), None)
+            if self.decode_device == "cuda" and jpeg is not None:
+                jpegs[i] = jpeg
+                continue
+            try:
+                crops[i] = decode_sample(s, self.size, self.decode).to(self.decode_device)
+            except Exception as err:  # a broken image must not end a days-long run
+                crops[i] = err
+        if jpegs:
+            crops.update(zip(jpegs, decode_jpegs(list(jpegs.values()), self.size, self.decode_device)))
+        return [crops[i] for i in range(len(raw))]
+
     def _decode(self, raw: list[dict], skips: _Skips) -> dict[str, Any] | None:
         images, keys = [], []
-        for s in raw:
-            try:
-                images.append(decode_sample(s, self.size))
-                keys.append(s["__key__"])
-            except Exception as err:  # a broken image must not end a days-long run
-                skips(f"sample {s.get('__key__')!r} of {s.get('__url__')}", err)
+        for s, crop in zip(raw, self._crops(raw)):
+            if isinstance(crop, Exception):
+                skips(f"sample {s.get('__key__')!r} of {s.get('__url__')}", crop)
+                continue
+            images.append(crop)
+            keys.append(s["__key__"])
         if not images:
             return None
         return {"images": torch.stack(images), "keys": keys, "skipped": len(raw) - len(images)}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
+        if info is not None and self.decode_device == "cuda":
+            raise RuntimeError(
+                "decode_device=cuda decodes in the training process (CUDA cannot start in forked loader "
+                "workers); set data.num_workers=0"
+            )
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         units = self.world_size * workers
         skips = _Skips()
@@ -287,15 +316,22 @@ class StreamLoader(DataLoader):
 class HeldoutImages(Dataset):
     """A small, named held-out set: the first ``limit`` images of shards (URL order) or of a folder.
 
-    Images are decoded once, on first access, and kept in memory as uint8 ``[N, 3, S, S]``.
+    Images are decoded once (``decode``: a ``phis.images.DECODE_MODES`` mode), on first access, and kept
+    in memory as uint8 ``[N, 3, S, S]``.
     """
 
     def __init__(
-        self, source: str | Sequence[str], size: int, limit: int = 1024, name: str = "heldout"
+        self,
+        source: str | Sequence[str],
+        size: int,
+        limit: int = 1024,
+        name: str = "heldout",
+        decode: str = "reduced",
     ) -> None:
         if limit < 1:
             raise ValueError(f"limit must be positive, got {limit}")
         self.source, self.size, self.limit, self.name = source, int(size), int(limit), name
+        self.decode = check_decode(decode)
         self._images: Tensor | None = None
 
     def _load(self) -> Tensor:
@@ -304,8 +340,7 @@ class HeldoutImages(Dataset):
             root = Path(self.source)
             for path in list_images(root, recursive=True):
                 try:
-                    with Image.open(path) as im:
-                        images.append(center_crop(im, self.size))
+                    images.append(decode_crop(path, self.size, self.decode))
                 except Exception as err:
                     skips(f"image {path}", err)
                 if len(images) == self.limit:
@@ -314,7 +349,7 @@ class HeldoutImages(Dataset):
             for url in expand_urls(self.source):
                 for s in shard_samples(url, skips):
                     try:
-                        images.append(decode_sample(s, self.size))
+                        images.append(decode_sample(s, self.size, self.decode))
                     except Exception as err:
                         skips(f"sample {s.get('__key__')!r} of {url}", err)
                     if len(images) == self.limit:

@@ -251,6 +251,13 @@ def test_data_webdataset_composes_a_streaming_run(shard_dir: Path, tmp_path: Pat
     dm = build_datamodule(cfg)
     assert dm.streaming and dm.sets["val"].name == "heldout" and len(dm.sets["val"]) == 6
     assert len(dm.dataset("train", 5)) == 5  # the training fit is measured on a capped sample
+    train, val = dm.sets["train"], dm.sets["val"]
+    assert (train.decode, train.decode_device, val.decode) == ("reduced", "cpu", "reduced")
+    hires = "{teachers: [sam], image_size: 48, batch_size: 2}"
+    hires = f"+stages=[{{steps: 12, image_size: 32, batch_size: 4, hires: {hires}}}]"
+    exact = build_datamodule(make_cfg(tmp_path, shard_dir, "data.decode=exact", hires))
+    assert [s.decode for s in exact.size_sets.values()] == ["exact", "exact"]  # incl. the high-res stream
+    assert exact.sets["val"].decode == exact.dataset("train", 5).images.decode == "exact"
     with pytest.raises(ValueError, match="set cache.enabled=false"):
         build_datamodule(make_cfg(tmp_path, shard_dir, "cache.enabled=true"))
 
