@@ -36,6 +36,7 @@ from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from phis.build import build_datamodule, build_module, check_resume, stage_plan
+from phis.config import CONF_DIR
 from phis.data import DistillDataModule
 from phis.eval import EvalConfig, evaluate_module
 from phis.module import DistillModule
@@ -393,7 +394,7 @@ def run_job_in_fresh_process() -> None:
         raise RuntimeError(f"job {out} failed (exit status {status}); its log is above")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
     if starts_processes_in_sweep(cfg) and not is_finished(Path(cfg.output_dir)):
         run_job_in_fresh_process()
