@@ -24,6 +24,7 @@ directory that exists is one that computes what the run trained. A training run 
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,8 @@ from phis.config import plain
 from phis.model import CONFIG_FILE, PROGRAM_FILE, PhisModel
 from phis.results import RESULTS_FILE, read_json
 from phis.student import MultiTeacherViT, read_checkpoint
+
+log = logging.getLogger(__name__)
 
 CHECK_TOLERANCE = 1e-4  # largest |difference| / max |reference| an export may show against its student
 
@@ -205,6 +208,28 @@ def export_module(
     )
     teachers = teacher_facts(module.teacher_specs, normalizer, run_config)
     return write_model(module.fold_normalizers(), out, teachers, prov, program)
+
+
+def export_finished_run(
+    module: Any, out: Path, run_config: Any, results: Mapping[str, Any]
+) -> dict[str, str]:
+    """``export_module`` as a training run ends: ``{"export": path}``, logged; a failure is logged as an
+    error and returned as ``{"export_error": ...}``, so it never costs the run its results (the
+    checkpoint stays, and ``python -m phis.export`` retries from it)."""
+    try:
+        path = export_module(module, out, run_config, results)
+    except Exception as err:  # whatever fails, the finished run keeps its results
+        run_dir = Path(out).parent
+        log.error(
+            "could not export the student (%s: %s); retry with: python -m phis.export %s %s",
+            type(err).__name__,
+            err,
+            run_dir,
+            out,
+        )
+        return {"export_error": f"{type(err).__name__}: {err}"}
+    log.info("exported the student to %s; use it with: phis.load(%r)", path, str(path))
+    return {"export": str(path)}
 
 
 def export_checkpoint(source: str | Path, out: str | Path, program: bool = False) -> Path:

@@ -39,7 +39,7 @@ from phis.build import build_datamodule, build_module, check_resume, stage_plan
 from phis.config import CONF_DIR
 from phis.data import DistillDataModule
 from phis.eval import EvalConfig, evaluate_module
-from phis.export import export_module
+from phis.export import export_finished_run
 from phis.module import DistillModule
 from phis.results import (
     RESULTS_FILE,
@@ -360,17 +360,13 @@ def report(cfg: DictConfig, fitted: FitOutcome) -> dict[str, Any]:
     finite = all(math.isfinite(r["mse_teacher"]) for split in heldout.values() for r in split.values())
     results["status"] = "finished" if finite else "failed"
     if finite and cfg.get("export_student", True):  # before results.json: a finished run has its export
-        results["export"] = str(export_module(module, out / "student", cfg, results))
+        results |= export_finished_run(module, out / "student", cfg, results)
     atomic_write_json(out / RESULTS_FILE, results)
     log.info(
         "results per teacher (explained = 1 - MSE / the split's variance, teacher space):\n%s",
         summary_table({"train": train_fit, **heldout}, stats),
     )
     log.info("wrote %s", out / RESULTS_FILE)
-    if "export" in results:
-        log.info(
-            "exported the student to %s; use it with: phis.load(%r)", results["export"], results["export"]
-        )
     return results
 
 

@@ -44,9 +44,9 @@ class Messages(logging.Handler):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, cache_dir) -> dict:  # noqa: F811
-    """One finished tiny run (it exports its student) and what train logged."""
+    """One finished tiny run (it exports its student) and what phis logged."""
     out = tmp_path_factory.mktemp("run")
-    messages, logger = Messages(), logging.getLogger("phis.train")
+    messages, logger = Messages(), logging.getLogger("phis")
     level = logger.level
     logger.addHandler(messages)
     logger.setLevel(logging.INFO)
@@ -124,6 +124,28 @@ def test_a_finished_run_exports_its_student_and_says_where(run) -> None:
     assert prov["heldout"] == run["results"]["heldout"]
     card = (student / "README.md").read_text()
     assert "| dinov2 | 48 | 48 | 4x4 |" in card and "phis.load(" in card
+
+
+def test_a_failed_export_is_reported_and_the_run_keeps_its_results(
+    tmp_path,
+    cache_dir,  # noqa: F811
+    monkeypatch,
+    caplog,
+) -> None:
+    import phis.export
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(phis.export, "export_module", fail)
+    with caplog.at_level(logging.ERROR, logger="phis.export"):
+        results = train(make_cfg(tmp_path, cache_dir, "trainer.max_steps=2"))
+    assert results["status"] == "finished" and results["export_error"] == "RuntimeError: disk full"
+    assert (
+        "export" not in results
+        and json.loads((tmp_path / "results.json").read_text())["status"] == "finished"
+    )
+    assert f"retry with: python -m phis.export {tmp_path} {tmp_path / 'student'}" in caplog.text
 
 
 def test_export_and_reload_equal_the_module_at_any_size(run, tmp_path) -> None:
