@@ -189,10 +189,15 @@ def extract(
     if manifest["complete"]:
         log.info("%s is complete (%d shards)", out, len(manifest["shards"]))
         return manifest
-    out.mkdir(parents=True, exist_ok=True)
     unknown = [t for t in settings.teachers if t not in model.teacher_names]
     if unknown:
         raise ValueError(f"unknown teacher(s) {unknown}; this student has {model.teacher_names}")
+    if settings.size % model.patch_size:
+        near = model.get_nearest_supported_resolution(settings.size, settings.size).height
+        raise ValueError(
+            f"size={settings.size} is not a multiple of the patch size {model.patch_size}; e.g. {near}"
+        )
+    out.mkdir(parents=True, exist_ok=True)
     dev = model.pos_table.device
     skips = _Skips()
     items, total = source_items(settings.source, settings.size, skips)

@@ -530,7 +530,8 @@ class DistillModule(pl.LightningModule):
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> dict[str, Any]:
-        """Per teacher, TeacherOutput in teacher space (denormalized, on the teacher's feature grid)."""
+        """Per teacher, TeacherOutput in teacher space (denormalized) resampled to the teacher's feature
+        grid, as metrics against the teacher need; ``phis.model.PhisModel`` keeps the input's own grid."""
         from phis.teachers import TeacherOutput
 
         out = self.student(images)

@@ -123,6 +123,13 @@ def test_an_interrupted_extraction_continues_where_it_stopped(exported, tmp_path
     assert ka == kb and a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match=r"other settings \(\{'size': \(32, 64\)\}"):
         extract(model, FeatureSettings(**{**settings.__dict__, "size": 64}), part, progress=False)
+    with pytest.raises(ValueError, match="size=40 is not a multiple of the patch size 16; e.g. 48"):
+        extract(
+            model, FeatureSettings(**{**settings.__dict__, "size": 40}), tmp_path / "other", progress=False
+        )
+    with pytest.raises(ValueError, match=r"unknown teacher\(s\) \['dino'\]"):
+        extract(model, FeatureSettings(**{**settings.__dict__, "teachers": ("dino",)}), tmp_path / "other")
+    assert not (tmp_path / "other").exists()
     with pytest.raises(ValueError, match="spatial='pooled' is not valid"):
         FeatureSettings(model="m", source="s", size=32, spatial="pooled")
 
