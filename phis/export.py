@@ -213,9 +213,9 @@ def export_module(
 def export_finished_run(
     module: Any, out: Path, run_config: Any, results: Mapping[str, Any]
 ) -> dict[str, str]:
-    """``export_module`` as a training run ends: ``{"export": path}``, logged; a failure is logged as an
-    error and returned as ``{"export_error": ...}``, so it never costs the run its results (the
-    checkpoint stays, and ``python -m phis.export`` retries from it)."""
+    """``export_module`` as a training run ends: ``{"export": path}``; a failure is logged as an error and
+    returned as ``{"export_error": ...}``, so it never costs the run its results (the checkpoint stays,
+    and ``python -m phis.export`` retries from it)."""
     try:
         path = export_module(module, out, run_config, results)
     except Exception as err:  # whatever fails, the finished run keeps its results
@@ -228,7 +228,6 @@ def export_finished_run(
             out,
         )
         return {"export_error": f"{type(err).__name__}: {err}"}
-    log.info("exported the student to %s; use it with: phis.load(%r)", path, str(path))
     return {"export": str(path)}
 
 

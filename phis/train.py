@@ -367,6 +367,10 @@ def report(cfg: DictConfig, fitted: FitOutcome) -> dict[str, Any]:
         summary_table({"train": train_fit, **heldout}, stats),
     )
     log.info("wrote %s", out / RESULTS_FILE)
+    if "export" in results:
+        log.info(
+            "exported the student to %s; use it with: phis.load(%r)", results["export"], results["export"]
+        )
     return results
 
 
