@@ -27,7 +27,6 @@ of its teachers, from a second student forward at that resolution.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -157,6 +156,7 @@ class DistillModule(pl.LightningModule):
         self.register_buffer("stage_index", torch.tensor(-1, dtype=torch.int64))
         self._teachers: dict[str, nn.Module] = {}
         self._memo: dict[str, _TargetMemo] = {}  # normalized cached targets, see _normalized_targets
+        self._heads_due: dict[str, int] = {}  # teacher → step after which its loaded head is re-expressed
 
     # ------------------------------------------------------------------ targets and losses
 
@@ -232,8 +232,10 @@ class DistillModule(pl.LightningModule):
             r = (rows or {}).get(n, slice(None))
             norm = self.normalizers[n]
             pred, y = self._align(out.features[n][r], out.grid, feats_t)
-            if step is not None:
-                norm.step(y, step)
+            if step is not None and norm.step(y, step) and n in self.student.teacher_space_heads:
+                # The head is re-expressed after this step's update (the graph holds its weights).
+                pred = norm(pred)
+                self._heads_due[n] = int(self.global_step)
             x = norm(y) if index is None else self._normalized_targets(n, y, index[r])
             feat_loss = self.feature_loss(pred, x)
             term = d["feature_weight"] * (
@@ -335,6 +337,7 @@ class DistillModule(pl.LightningModule):
             dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
             if dm is not None and dm.cache_enabled:
                 self.fit_normalizers(dm.stage_caches(index), dm.stage_image_size(index))
+                self._normalize_loaded_heads(self.teacher_names)
         self.stage_index.fill_(index)
 
     def _step_generator(self, step: int) -> torch.Generator:
@@ -531,7 +534,8 @@ class DistillModule(pl.LightningModule):
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> dict[str, Any]:
-        """Per teacher, TeacherOutput in teacher space (denormalized, on the teacher's feature grid)."""
+        """Per teacher, TeacherOutput in teacher space (denormalized) resampled to the teacher's feature
+        grid, as metrics against the teacher need; ``phis.model.PhisModel`` keeps the input's own grid."""
         from phis.teachers import TeacherOutput
 
         out = self.student(images)
@@ -550,10 +554,25 @@ class DistillModule(pl.LightningModule):
 
     def fold_normalizers(self) -> MultiTeacherViT:
         """A copy of the student whose feature heads output teacher space directly (Θ, μ folded in)."""
-        folded = copy.deepcopy(self.student)
-        for n, head in folded.feature_heads.items():
-            head.final = self.normalizers[n].fold_into(head.final)
-        return folded
+        return self.student.folded(self.normalizers)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Re-express the heads whose normalizer was first fitted at an already-taken optimizer step."""
+        self._normalize_loaded_heads([n for n, s in self._heads_due.items() if self.global_step > s])
+
+    @torch.no_grad()
+    def _normalize_loaded_heads(self, names: Iterable[str]) -> None:
+        """Feature heads loaded in teacher space (``student.teacher_space_heads``) whose normalizer was
+        fitted: their last layer is re-expressed in the normalized space, in place (the optimizer holds
+        these parameters), so their teacher-space outputs stay what the loaded model computed. With
+        ``schedule`` fits this follows the first optimizer step (``_heads_due``)."""
+        for n in set(names) & self.student.teacher_space_heads:
+            self._heads_due.pop(n, None)
+            final = self.student.feature_heads[n].final
+            new = self.normalizers[n].normalize_into(final)
+            final.weight.copy_(new.weight)
+            final.bias.copy_(new.bias)
+            self.student.teacher_space_heads.discard(n)
 
     @torch.no_grad()
     def heldout_metrics(

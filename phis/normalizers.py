@@ -227,6 +227,24 @@ class Normalizer(nn.Module):
         out.bias.copy_(bias.to(ref.dtype))
         return out
 
+    @torch.no_grad()
+    def normalize_into(self, linear: nn.Linear) -> nn.Linear:
+        """A new Linear computing forward(linear(h)): A' = W A, b' = W (b - μ). The inverse of
+        ``fold_into``: a head that outputs teacher space re-expressed in this normalized space."""
+        if linear.out_features != self.dim:
+            raise ValueError(
+                f"cannot normalize a Linear with out_features={linear.out_features} into dim {self.dim}"
+            )
+        ref = linear.weight
+        w = self.weight.to(ref.device)
+        bias = -self.mu.to(ref.device)
+        if linear.bias is not None:
+            bias += linear.bias.to(torch.float64)
+        out = nn.Linear(linear.in_features, self.dim, bias=True, device=ref.device, dtype=ref.dtype)
+        out.weight.copy_((w @ ref.to(torch.float64)).to(ref.dtype))
+        out.bias.copy_((w @ bias).to(ref.dtype))
+        return out
+
     def reset(self) -> None:
         """Back to the freshly built state: no statistics, identity transform, schedule restarts."""
         self.stats.reset()

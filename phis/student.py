@@ -8,13 +8,22 @@ norm itself, so the number of summary tokens and the position-embedding policy a
 summary output (SAM), whose token is simply not supervised. The trunk summary used for probes is
 summary token 0 (the first teacher's, a CLIP model in the paper-scale sets, as RADIO exposes).
 
-Initial weights (``pretrained``): random, timm's hub weights of ``model``, or a local timm/ImageNet file.
-What applies is mapped into the trunk (patch embedding, blocks, final norm) and the file's position
-embedding is resampled into the table (with CPE, the 14×14 ImageNet table becomes the large CPE table);
-the class token, the classifier and the summary/register tokens are not loaded. Loading happens when a
-run starts fresh (``load_pretrained``), never when a checkpoint is restored. With ``spectral_reparam``
-every linear layer of the trunk is spectrally reparametrized (``phis.spectral``); the heads stay plain
-so that a normalizer can be folded into their last layer.
+Initial weights (``pretrained``): random, timm's hub weights of ``model``, a local timm/ImageNet file, or
+a phis model (an exported directory, a run directory or a ``.ckpt``). From timm, what applies is mapped
+into the trunk (patch embedding, blocks, final norm) and the file's position embedding is resampled into
+the table (with CPE, the 14×14 ImageNet table becomes the large CPE table); the class token, the
+classifier and the summary/register tokens are not loaded. From a phis model, the trunk, position table,
+registers and, for each teacher of the same name and widths, its summary token and heads are loaded
+(``load_phis_model``). Loading happens when a run starts fresh (``load_pretrained``), never when a
+checkpoint is restored. With ``spectral_reparam`` every linear layer of the trunk is spectrally
+reparametrized (``phis.spectral``); the heads stay plain so that a normalizer can be folded into their
+last layer.
+
+A phis model's feature heads output teacher space (its normalizers are folded in). They are loaded as
+they are, so the new run starts from exactly the model's outputs, and ``teacher_space_heads`` names them:
+once the new run has fitted its own normalizer for such a teacher, ``DistillModule`` re-expresses that
+head's last layer in the normalized space (``Normalizer.normalize_into``), which leaves its teacher-space
+output unchanged.
 
 Position embeddings are learned on a ``[G, G]`` table. Without CPE, G = img_size / patch and other
 grids resample the table bilinearly. With CPE (cropped position embedding), G is larger
@@ -24,21 +33,27 @@ window, so the student sees a consistent embedding at every resolution up to ``c
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from phis.adaptors import MLP2
+from phis.model import FORMAT, FORMAT_VERSION, PhisModel, find_model, locate_model
+from phis.normalizers import Normalizer, make_normalizer
 from phis.spectral import apply_spectral_reparam, reset_spectral_reparams
 from phis.teachers import WeightsUnavailableError, hub_offline
+from phis.vit import describe_trunk, spec_differences
 
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".npz")
 
@@ -81,8 +96,8 @@ class MultiTeacherViT(nn.Module):
         super().__init__()
         if not (pretrained is None or isinstance(pretrained, (bool, str))):
             raise ValueError(
-                f"student.pretrained={pretrained!r}; use false, true (timm's hub weights of {model!r}) "
-                "or the path of a local weight file"
+                f"student.pretrained={pretrained!r}; use false, true (timm's hub weights of {model!r}), "
+                "the path of a local weight file or a phis model (export directory, run directory, .ckpt)"
             )
         if not teachers:
             raise ValueError("MultiTeacherViT needs at least one teacher")
@@ -95,6 +110,9 @@ class MultiTeacherViT(nn.Module):
         self.model_name = model
         self.trunk_kwargs = dict(trunk_kwargs or {})
         self.pretrained = pretrained or False
+        self.head_hidden_dim, self.head_num_inner = int(head_hidden_dim), int(head_num_inner)
+        # Teachers whose feature heads were loaded in teacher space (see the module docstring).
+        self.teacher_space_heads: set[str] = set()
         self.trunk = timm.create_model(
             model,
             pretrained=False,
@@ -151,6 +169,8 @@ class MultiTeacherViT(nn.Module):
         and what was not. A no-op without ``pretrained``."""
         if not self.pretrained:
             return {}
+        if self.pretrained is not True and find_model(self.pretrained) is not None:
+            return self.load_phis_model(load_phis_source(self.pretrained), str(self.pretrained))
         state = timm_weights(self.model_name, self.pretrained, self.trunk_kwargs)
         target = self.trunk.state_dict()
         mapped: dict[str, Tensor] = {}
@@ -191,6 +211,126 @@ class MultiTeacherViT(nn.Module):
             ", ".join(unused) or "none",
         )
         return report
+
+    @torch.no_grad()
+    def load_phis_model(self, model: PhisModel, source: str) -> dict[str, Any]:
+        """Start from a trained phis student: its trunk and position table (the model's positions at
+        this table's grid if the sizes differ), its registers (as many as both have) and, for each
+        teacher of the same name and widths, that teacher's summary token and heads. Returns (and logs)
+        what was and was not loaded."""
+        differences = spec_differences(model.trunk.spec, describe_trunk(self.trunk))
+        if differences:
+            raise ValueError(
+                f"student.pretrained={source!r} has another trunk than {self.model_name!r} "
+                f"(trunk_kwargs={self.trunk_kwargs}): " + "; ".join(differences)
+            )
+        for what, theirs, ours in (
+            ("pixel mean", model.conditioner.mean, self.pixel_mean),
+            ("pixel std", model.conditioner.std, self.pixel_std),
+        ):
+            if not torch.equal(theirs.cpu(), ours.cpu()):
+                raise ValueError(
+                    f"student.pretrained={source!r} normalizes its input with {what} "
+                    f"{theirs.flatten().tolist()}, this student with {ours.flatten().tolist()}; pick the "
+                    "same student.model"
+                )
+        target = self.trunk.state_dict()
+        for key, value in model.trunk.state_dict().items():
+            dest = key if key in target else key.replace(".weight", ".parametrizations.weight.original")
+            target[dest].copy_(value)
+        reset_spectral_reparams(self.trunk)
+        # The table is what the model itself adds at this table's grid (its centre window with CPE, else
+        # its table resampled as it resamples it), so both compute the same at this student's own size.
+        g = self.pos_table.shape[1]
+        self.pos_table.copy_(model.position_embedding(g, g).to(self.pos_table))
+        same = model.pos_table.shape == self.pos_table.shape
+        loaded = ["trunk", "pos_table" if same else f"pos_table (the model's {g}x{g} positions)"]
+        registers = min(model.num_registers, self.num_registers)
+        ours, theirs = self.num_summary, model.num_summary
+        self.prefix[:, ours : ours + registers] = model.prefix[:, theirs : theirs + registers].to(self.prefix)
+        loaded.append(f"{registers} of {self.num_registers} registers")
+        not_loaded = (
+            [f"registers {registers}..{self.num_registers - 1}"] if registers < self.num_registers else []
+        )
+        for i, name in enumerate(self.teacher_names):
+            why = _head_mismatch(model, name, self)
+            if why:
+                not_loaded.append(f"teacher {name} ({why})")
+                continue
+            self.prefix[:, i] = model.prefix[:, model.teacher_names.index(name)].to(self.prefix)
+            self.feature_heads[name].load_state_dict(model.feature_heads[name].state_dict())
+            if name in self.summary_heads:
+                self.summary_heads[name].load_state_dict(model.summary_heads[name].state_dict())
+            self.teacher_space_heads.add(name)
+            loaded.append(f"teacher {name} (summary token and heads)")
+        unused = [n for n in model.teacher_names if n not in self.teacher_names]
+        report = {"source": source, "loaded": loaded, "not_loaded": not_loaded, "unused": unused}
+        log.info(
+            "student initialized from the phis model %s: loaded %s; not loaded: %s; teachers of the model "
+            "not in this run: %s",
+            source,
+            ", ".join(loaded),
+            ", ".join(not_loaded) or "none",
+            ", ".join(unused) or "none",
+        )
+        return report
+
+    def folded(self, normalizers: Mapping[str, Normalizer]) -> MultiTeacherViT:
+        """A copy whose feature heads output teacher space: each normalizer folded into its head."""
+        out = copy.deepcopy(self)
+        for name, head in out.feature_heads.items():
+            head.final = normalizers[name].fold_into(head.final)
+        return out
+
+    @torch.no_grad()
+    def plain_state(self) -> dict[str, Tensor]:
+        """The state dict with every spectrally reparametrized weight as the plain weight it computes in
+        evaluation mode (``remove_parametrizations`` would also strip the class this module shares with
+        its deep copies)."""
+        was_training = self.training
+        self.eval()  # no power-iteration step while the weights are read
+        state = self.state_dict()
+        for name, module in self.named_modules():
+            if parametrize.is_parametrized(module, "weight"):
+                inner = f"{name}.parametrizations.weight."
+                for key in [k for k in state if k.startswith(inner)]:
+                    del state[key]
+                state[f"{name}.weight"] = module.weight.detach().clone()
+        self.train(was_training)
+        return state
+
+    @torch.no_grad()
+    def to_phis_model(
+        self, teachers: Mapping[str, Mapping[str, Any]] | None = None, **kwargs: Any
+    ) -> PhisModel:
+        """This student as a ``PhisModel`` (spectral reparametrizations turned into plain weights).
+        Call it on a ``folded`` copy so its heads output teacher space. ``teachers``: extra facts per
+        teacher for the config (grid, normalizer, source); ``kwargs`` go to ``PhisModel``."""
+        extra = teachers or {}
+        config = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "img_size": self.img_size,
+            "table_size": int(self.pos_table.shape[1]),
+            "cpe": self.cpe,
+            "num_registers": self.num_registers,
+            "pixel_mean": self.pixel_mean.flatten().tolist(),
+            "pixel_std": self.pixel_std.flatten().tolist(),
+            "trunk": asdict(describe_trunk(self.trunk)),
+            "head_hidden_dim": self.head_hidden_dim,
+            "head_num_inner": self.head_num_inner,
+            "teachers": {
+                n: {
+                    "summary_dim": self.summary_heads[n].out_dim if n in self.summary_heads else None,
+                    "feature_dim": self.feature_heads[n].out_dim,
+                    **dict(extra.get(n, {})),
+                }
+                for n in self.teacher_names
+            },
+        }
+        model = PhisModel(config, **kwargs)
+        model.load_state_dict(self.plain_state(), strict=True)
+        return model.to(self.pos_table.device)
 
     @property
     def num_prefix(self) -> int:
@@ -268,12 +408,19 @@ def check_pretrained(model: str, pretrained: bool | str | None) -> None:
                 "student.pretrained=false"
             )
         return
+    if find_model(pretrained) is not None:
+        return
+    if os.path.isdir(pretrained):
+        raise ValueError(
+            f"student.pretrained={pretrained!r} is a directory but no phis model: give an exported model "
+            "directory (python -m phis.export), a run directory with checkpoints/last.ckpt, or a file"
+        )
     if not os.path.isfile(pretrained):
         raise FileNotFoundError(f"student.pretrained={pretrained!r} does not exist")
     if not pretrained.endswith(WEIGHT_FILE_SUFFIXES):
         raise ValueError(
-            f"student.pretrained={pretrained!r}: not a weight file timm reads; use one of "
-            f"{', '.join(WEIGHT_FILE_SUFFIXES)}"
+            f"student.pretrained={pretrained!r}: not a weight file timm reads nor a phis model; use one of "
+            f"{', '.join(WEIGHT_FILE_SUFFIXES)}, a .ckpt or a phis model directory"
         )
 
 
@@ -321,3 +468,63 @@ def resample_position_grid(grid: Tensor, size: int) -> Tensor:
         align_corners=False,
     )
     return out.permute(0, 2, 3, 1).to(grid.dtype)
+
+
+def _head_mismatch(model: PhisModel, name: str, student: MultiTeacherViT) -> str | None:
+    """Why teacher ``name``'s heads of ``model`` cannot be loaded into ``student`` (None: they can)."""
+    if name not in model.teachers:
+        return "not a teacher of the model"
+    t, cfg = model.teachers[name], model.config
+    theirs = (t.get("summary_dim") or None, int(t["feature_dim"]))
+    ours = (
+        student.summary_heads[name].out_dim if name in student.summary_heads else None,
+        student.feature_heads[name].out_dim,
+    )
+    if theirs != ours:
+        return f"summary/feature widths {theirs} there, {ours} here"
+    theirs = (cfg["head_hidden_dim"], cfg["head_num_inner"])
+    ours = (student.head_hidden_dim, student.head_num_inner)
+    if theirs != ours:
+        return f"head hidden width and inner blocks {theirs} there, {ours} here"
+    return None
+
+
+@dataclass
+class CheckpointStudent:
+    """The student of a training checkpoint with its normalizers folded in, and what else it says."""
+
+    student: MultiTeacherViT  # heads output teacher space
+    teachers: dict[str, dict[str, Any]]  # per teacher: grid and the normalizer folded into its head
+    hparams: dict[str, Any]
+    step: int
+
+
+def read_checkpoint(path: str | os.PathLike) -> CheckpointStudent:
+    """Rebuild a training checkpoint's student (no Lightning needed) with every normalizer folded in."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    if "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(f"{path} is not a phis training checkpoint (no hyper_parameters/state_dict)")
+    hp, state = ckpt["hyper_parameters"], ckpt["state_dict"]
+    student = MultiTeacherViT(hp["teachers"], **{**hp["student"], "pretrained": False})
+    student.load_state_dict({k[len("student.") :]: v for k, v in state.items() if k.startswith("student.")})
+    name = hp["normalizer"]["name"]
+    normalizers = {}
+    for n, spec in hp["teachers"].items():
+        norm = make_normalizer(name, int(spec["feature_dim"]))
+        norm.load_state_dict(
+            {k: state[f"normalizers.{n}.{k}"] for k in ("mu", "weight", "inverse")}, strict=False
+        )
+        normalizers[n] = norm
+    teachers = {n: {"grid": list(s["grid"]), "normalizer": name} for n, s in hp["teachers"].items()}
+    return CheckpointStudent(
+        student.folded(normalizers).eval(), teachers, dict(hp), int(ckpt.get("global_step", 0))
+    )
+
+
+def load_phis_source(source: str | os.PathLike, **kwargs: Any) -> PhisModel:
+    """A ``PhisModel`` from an exported directory, a run directory or a training checkpoint."""
+    kind, path = locate_model(source)
+    if kind == "export":
+        return PhisModel.from_pretrained(Path(path), **kwargs)
+    ckpt = read_checkpoint(path)
+    return ckpt.student.to_phis_model(ckpt.teachers, **kwargs)

@@ -36,9 +36,11 @@ from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from phis.build import build_datamodule, build_module, check_resume, stage_plan
+from phis.config import CONF_DIR
 from phis.data import DistillDataModule
 from phis.eval import evaluate_module
 from phis.evalconfig import EvalConfig
+from phis.export import export_finished_run
 from phis.module import DistillModule
 from phis.results import (
     RESULTS_FILE,
@@ -359,12 +361,18 @@ def report(cfg: DictConfig, fitted: FitOutcome) -> dict[str, Any]:
         results["eval"] = external
     finite = all(math.isfinite(r["mse_teacher"]) for split in heldout.values() for r in split.values())
     results["status"] = "finished" if finite else "failed"
+    if finite and cfg.get("export_student", True):  # before results.json: a finished run has its export
+        results |= export_finished_run(module, out / "student", cfg, results)
     atomic_write_json(out / RESULTS_FILE, results)
     log.info(
         "results per teacher (explained = 1 - MSE / the split's variance, teacher space):\n%s",
         summary_table({"train": train_fit, **heldout}, stats),
     )
     log.info("wrote %s", out / RESULTS_FILE)
+    if "export" in results:
+        log.info(
+            "exported the student to %s; use it with: phis.load(%r)", results["export"], results["export"]
+        )
     return results
 
 
@@ -395,7 +403,7 @@ def run_job_in_fresh_process() -> None:
         raise RuntimeError(f"job {out} failed (exit status {status}); its log is above")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
     if starts_processes_in_sweep(cfg) and not is_finished(Path(cfg.output_dir)):
         run_job_in_fresh_process()

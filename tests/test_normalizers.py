@@ -250,6 +250,20 @@ def test_fold_into_linear(name, bias, data):
         norm.fold_into(nn.Linear(12, 19))
 
 
+@pytest.mark.parametrize("name", NORMALIZERS)
+def test_normalize_into_is_the_inverse_of_fold_into(name, data):
+    """A head folded into teacher space and re-expressed in the normalized space is the head again."""
+    norm = fitted(name, data)
+    lin64 = nn.Linear(12, 20, dtype=F64)
+    h = torch.randn(9, 12, dtype=F64)
+    torch.testing.assert_close(norm.normalize_into(lin64)(h), norm(lin64(h)))
+    back = norm.normalize_into(norm.fold_into(lin64))
+    torch.testing.assert_close(back.weight, lin64.weight)
+    torch.testing.assert_close(back.bias, lin64.bias)
+    with pytest.raises(ValueError, match="out_features"):
+        norm.normalize_into(nn.Linear(12, 19))
+
+
 @pytest.mark.parametrize("name", FITTED)
 def test_refits_are_bit_identical_and_sign_stable(name, data):
     a = fitted(name, data)

@@ -30,7 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from threadpoolctl import threadpool_limits
 
-from phis.config import check_choice
+from phis.config import CONF_DIR, check_choice
 from phis.results import RESULTS_FILE, atomic_write_json, is_finished, read_json
 from phis.selfdistill import theory
 from phis.selfdistill.corruption import (
@@ -348,7 +348,7 @@ def _same_job(stored: Mapping[str, Any] | None, config: Mapping[str, Any]) -> bo
     return all(stored.get(k) == config.get(k) for k in keys)
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="selfdistill")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="selfdistill")
 def main(cfg: DictConfig) -> None:
     """Run one job into Hydra's output directory unless it already finished with this config."""
     out_dir = Path(HydraConfig.get().runtime.output_dir)

@@ -28,11 +28,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 from threadpoolctl import threadpool_limits
 
+from phis.config import CONF_DIR
 from phis.selfdistill.run import batchable, check_sources, run_jobs_batched
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 CONFIG_NAME = "selfdistill"
 
 
