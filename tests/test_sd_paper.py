@@ -213,6 +213,8 @@ def test_paper_experiment_is_the_full_grid_with_the_official_recipe(name: str, t
         "lr": None,
         "momentum": 0.9,
         "lr_decay": 0.98,
+        "val_fraction": 0.1,  # epochs selected on 10 % of each class of the training set, never on test
+        "val_seed": 0,
     }
     assert base["sd"]["rounds"] == 5 and base["sd"]["pll"]["losses"] == ["gce"]
     grid = {
