@@ -213,6 +213,8 @@ def test_paper_experiment_is_the_full_grid_with_the_official_recipe(name: str, t
         "lr": None,
         "momentum": 0.9,
         "lr_decay": 0.98,
+        "val_fraction": 0.1,  # epochs selected on 10 % of each class of the training set, never on test
+        "val_seed": 0,
     }
     assert base["sd"]["rounds"] == 5 and base["sd"]["pll"]["losses"] == ["gce"]
     grid = {
@@ -286,18 +288,23 @@ def test_paper_sd_sweep_end_to_end_on_standins(
         ours = [r for r in results if r["experiment"] == f"paper_{name}"]
         assert {(r["noise"], r["lam"]) for r in ours} == set(itertools.product(kinds, [5e-5, 5e-4]))
         n_train = len(labels[name]["train"]) if "train" in labels[name] else len(labels[name]["all"]) * 4 // 5
-        assert {(r["n_train"], r["dim"], r["num_classes"]) for r in ours} == {(n_train, 512, sd_standins.K)}
+        # the probes train on the training set less the validation split (10 % of each class)
+        assert {(r["n_train"] + r["n_val"], r["dim"], r["num_classes"]) for r in ours} == {
+            (n_train, 512, sd_standins.K)
+        }
+        assert all(abs(r["n_val"] - 0.1 * n_train) <= sd_standins.K / 2 for r in ours)
         assert {p.name for p in cache.glob(f"{name}_*")} == {
             f"{name}_{s}_32px.npz" for s in feat.SPLITS[name]
         }
         recipe_lam = float(_official_recipe()[name]["wd_main_fig2_fig6"])
         for kind, lam in itertools.product(kinds, lams):
             stem = out / f"paper_{name}_kind_{kind}__lam_{lam}"
-            md = Path(f"{stem}_test_acc_last.md").read_text()
+            md = Path(f"{stem}_test_acc.md").read_text()
             rows = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ")]
-            assert rows == ["model", "Teacher", "2", "3", "4", "5", "PLL"]
+            assert rows == ["model"] + [m for m in ("Teacher", "2", "3", "4", "5", "PLL") for _ in range(3)]
             assert ("official recipe's λ" in md) == (float(lam) == recipe_lam)
-            assert Path(f"{stem}_test_acc_best.csv").is_file() and Path(f"{stem}_gain.png").is_file()
+            assert Path(f"{stem}_test_acc.csv").is_file() and Path(f"{stem}_gain.png").is_file()
+            assert Path(f"{stem}_pll_top2.csv").is_file()
     # the stand-ins' classes differ in colour: even random ResNet34 features carry the labels
     teacher_test = [m["test_acc_last"] for r in results for m in r["models"] if m["name"] == "Teacher"]
     assert np.mean(teacher_test) > 1 / sd_standins.K + 0.1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ from phis.selfdistill.probe import (
     tie_fraction,
     two_hot,
 )
-from phis.selfdistill.rounds import self_distill, self_distill_batched
+from phis.selfdistill.rounds import TEACHER_CHECKPOINTS, self_distill, self_distill_batched
 from phis.selfdistill.run import run_job, validate
 from phis.selfdistill.theory import softmax
 
@@ -124,10 +125,10 @@ def test_fit_probe_rejects_unknown_choices() -> None:
         fit_probe(X, one_hot(y, 3), 1e-2, "exact", loss="gce")
 
 
-def _fit_alone(X: np.ndarray, task: ProbeTask, Xe=None, ye=None) -> ProbeFit:
+def _fit_alone(X: np.ndarray, task: ProbeTask, Xe=None, ye=None, Xv=None) -> ProbeFit:
     """One batched task fit on its own by the one-by-one path (``fit_sgd`` with the task's fields): the
     reference every batched probe must match."""
-    return sd_rounds._fit_task(X, task, "sgd", 1e-8, Xe, ye)
+    return sd_rounds._fit_task(X, task, "sgd", 1e-8, Xe, ye, Xv)
 
 
 def _sgd_float64(X: np.ndarray, task: ProbeTask) -> list[np.ndarray]:
@@ -159,13 +160,24 @@ def _sgd_float64(X: np.ndarray, task: ProbeTask) -> list[np.ndarray]:
     return out
 
 
+def _val_labels(y_val: np.ndarray, n: int, seed: int) -> list[np.ndarray]:
+    """n validation label sets: the true labels with a growing share flipped, as each (η, seed) cell of
+    a table scores its epochs against its own given labels."""
+    rng = np.random.default_rng(seed)
+    return [
+        np.where(rng.random(len(y_val)) < 0.15 * i, rng.integers(0, 3, len(y_val)), y_val) for i in range(n)
+    ]
+
+
 @pytest.mark.parametrize("form, D", [("primal", 6), ("dual", 6), ("dual", 120), ("auto", 120)])
 def test_batched_sgd_equals_one_probe_at_a_time(form: str, D: int) -> None:
-    """Probes with their own targets, losses, weight decays, schedules, inits and seeds (some seeds
-    shared, so groups of unequal size get padded) end where ``fit_sgd`` alone ends each of them, in
-    either batched form (and with N < D, where ``auto`` trains the dual form)."""
+    """Probes with their own targets, losses, weight decays, schedules, inits, seeds (some seeds
+    shared, so groups of unequal size get padded) and validation labels end where ``fit_sgd`` alone
+    ends each of them, in either batched form (and with N < D, where ``auto`` trains the dual form),
+    and keep the same epochs as best on validation and best on test."""
     X, y = _mixture(N=90, D=D)
     Xe, ye = _mixture(N=40, D=D, seed=1)
+    Xv, yv = _mixture(N=25, D=D, seed=2)
     rng = np.random.default_rng(3)
     base = SGDRecipe(epochs=6, batch_size=16, lr=0.05)
     slow = SGDRecipe(epochs=6, batch_size=16, lr=0.02, momentum=0.5, lr_decay=0.9)
@@ -178,24 +190,38 @@ def test_batched_sgd_equals_one_probe_at_a_time(form: str, D: int) -> None:
         ProbeTask(one_hot(y, 3), 5e-2, slow, loss="ce", W0=W0, seed=7),
         ProbeTask(one_hot(rng.integers(0, 3, 90), 3), 0.0, base, seed=8),
     ]
-    batched = fit_sgd_batched(X, tasks, X_eval=Xe, y_eval=ye, form=form)
+    tasks = [replace(task, y_val=labels) for task, labels in zip(tasks, _val_labels(yv, len(tasks), 4))]
+    batched = fit_sgd_batched(X, tasks, X_eval=Xe, y_eval=ye, X_val=Xv, form=form)
+    epochs = []
     for task, fit in zip(tasks, batched):
-        alone = _fit_alone(X, task, Xe, ye)
+        alone = _fit_alone(X, task, Xe, ye, Xv)
         # Both float32 runs against the same SGD in float64: each within 2e-6 of the largest weight (16
         # float32 steps of it; their own gaps to float64 measured 1e-7 to 1.2e-6).
         per_epoch = _sgd_float64(X, task)
-        best_epoch = int(np.argmax(alone.test_acc_per_epoch))
+        best_test = int(np.argmax(alone.test_acc_per_epoch))
+        best_val = int(np.argmax(alone.val_acc_per_epoch))
+        epochs.append((best_val, best_test))
         for got, want in (
             (alone.W, per_epoch[-1]),
             (fit.W, per_epoch[-1]),
-            (fit.W_best, per_epoch[best_epoch]),
+            (fit.W_best_test, per_epoch[best_test]),
+            (fit.W_best_val, per_epoch[best_val]),
+            (alone.W_best_val, per_epoch[best_val]),
         ):
             assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max()
         np.testing.assert_array_equal(fit.test_acc_per_epoch, alone.test_acc_per_epoch)
+        np.testing.assert_array_equal(fit.val_acc_per_epoch, alone.val_acc_per_epoch)
+        # each probe is scored against its own validation labels
+        np.testing.assert_array_equal(
+            fit.val_acc_per_epoch[-1], np.mean((Xv @ fit.W.T).argmax(1) == task.y_val)
+        )
         assert accuracy(X, fit.W, y) == accuracy(X, alone.W, y)
     # the probes did train apart: different settings give different weights
     assert min(np.abs(a.W - b.W).max() for a, b in zip(batched, batched[1:])) > 1e-3
+    assert any(v != t for v, t in epochs)  # validation and test pick epochs of their own
     assert fit_sgd_batched(X, []) == []
+    with pytest.raises(ValueError, match="every task needs y_val for the 25 validation rows, got None"):
+        fit_sgd_batched(X, [replace(tasks[0], y_val=None)], X_val=Xv)
 
 
 def test_written_out_softmax_equals_torch_softmax_with_and_without_the_shift() -> None:
@@ -236,16 +262,24 @@ def test_dual_sgd_with_one_setting_for_all_probes_equals_the_float64_recipe(monk
         ),
         ProbeTask(one_hot(rng.integers(0, 3, 90), 3), lam, recipe, seed=8),
     ]
-    batched = fit_sgd_batched(X, tasks, X_eval=Xe, y_eval=ye, form="dual")
+    Xv, yv = _mixture(N=25, D=120, seed=2)
+    tasks = [replace(task, y_val=labels) for task, labels in zip(tasks, _val_labels(yv, len(tasks), 5))]
+    batched = fit_sgd_batched(X, tasks, X_eval=Xe, y_eval=ye, X_val=Xv, form="dual")
     assert bool(lerps) == (lam > 0)
     for task, fit in zip(tasks, batched):
-        alone = _fit_alone(X, task, Xe, ye)
+        alone = _fit_alone(X, task, Xe, ye, Xv)
         np.testing.assert_array_equal(fit.test_acc_per_epoch, alone.test_acc_per_epoch)
+        np.testing.assert_array_equal(fit.val_acc_per_epoch, alone.val_acc_per_epoch)
         per_epoch = _sgd_float64(X, task)
-        best_epoch = int(np.argmax(alone.test_acc_per_epoch))
+        best_test = int(np.argmax(alone.test_acc_per_epoch))
+        best_val = int(np.argmax(alone.val_acc_per_epoch))
         # within 4e-6 of the largest weight: on this set the dual form's gap measured 1.4e-7 to 2.2e-6
         # (the same before the buffer was kept scaled; λ = 0 runs the unscaled code), fit_sgd's 2e-7 to 7.7e-7
-        for got, want in ((fit.W, per_epoch[-1]), (fit.W_best, per_epoch[best_epoch])):
+        for got, want in (
+            (fit.W, per_epoch[-1]),
+            (fit.W_best_test, per_epoch[best_test]),
+            (fit.W_best_val, per_epoch[best_val]),
+        ):
             assert np.abs(got - want).max() <= 4e-6 * np.abs(want).max()
 
 
@@ -340,24 +374,38 @@ def test_batched_sgd_needs_one_minibatch_grid() -> None:
 @pytest.mark.parametrize("solver, pll", [("sgd", ("gce", "ce")), ("exact", ("ce",))])
 def test_self_distill_batched_equals_the_runs_one_by_one(solver: str, pll: tuple[str, ...]) -> None:
     """Many label sets (η, seed cells) at once: every model's report equals its run alone."""
-    X, y = _mixture(N=80)
+    X_all, y_all = _mixture(N=100)
     Xe, ye = _mixture(N=30, seed=1)
     cells = [(eta, seed) for eta in (0.0, 0.4) for seed in (0, 1)]
-    given = [corrupt_labels(y, corruption_matrix("sym", 3, eta), seed) for eta, seed in cells]
+    given = [corrupt_labels(y_all, corruption_matrix("sym", 3, eta), seed) for eta, seed in cells]
+    is_val = feat.validation_rows(y_all, 0.2, 0)
+    X, y, Xv = X_all[~is_val], y_all[~is_val], X_all[is_val]
     kwargs = dict(rounds=3, solver=solver, recipe=SGDRecipe(epochs=5, batch_size=16, lr=0.05), pll_losses=pll)
-    runs = self_distill_batched(X, given, y, Xe, ye, 1e-2, 3, seeds=[s for _, s in cells], **kwargs)
-    for (_, seed), y_given, run in zip(cells, given, runs):
-        alone = self_distill(X, y_given, y, Xe, ye, 1e-2, 3, seed=seed, **kwargs)
+    if solver == "exact":  # no epochs to select: no validation split
+        given_val, val = [None] * len(cells), {}
+    else:
+        given_val = [g[is_val] for g in given]
+        val = {"X_val": Xv, "y_val": given_val}
+    runs = self_distill_batched(
+        X, [g[~is_val] for g in given], y, Xe, ye, 1e-2, 3, seeds=[s for _, s in cells], **val, **kwargs
+    )
+    for (_, seed), y_given, y_val, run in zip(cells, given, given_val, runs):
+        one = {} if y_val is None else {"X_val": Xv, "y_val": y_val}
+        alone = self_distill(X, y_given[~is_val], y, Xe, ye, 1e-2, 3, seed=seed, **one, **kwargs)
         assert [r.name for r in run.reports] == ["Teacher", "2", "3", *(PLL_ROWS[loss] for loss in pll)]
         for got, want in zip(run.reports, alone.reports):
             for field in (
                 "test_acc_last",
-                "test_acc_best",
+                "test_acc_best_val",
+                "test_acc_best_test",
                 "train_acc_true",
                 "train_acc_given",
                 "train_tied",
             ):
                 assert getattr(got, field) == getattr(want, field), (got.name, field)
+            assert math.isfinite(got.test_acc_best_val)
+        # the PLL candidates' report: counts equal, the teacher's probabilities up to float32 round-off
+        assert run.top2 == pytest.approx(alone.top2, abs=1e-6) and set(run.top2) >= {"top1_true", "mutual"}
     assert runs[0].reports[0].train_acc_given != runs[2].reports[0].train_acc_given  # the cells differ
     with pytest.raises(ValueError, match="one seed per label set: got 4 label sets and 1 seeds"):
         self_distill_batched(X, given, y, Xe, ye, 1e-2, 3, seeds=[0], **kwargs)
@@ -401,40 +449,100 @@ def test_pll_students_train_in_round_twos_batch(monkeypatch, rounds: int) -> Non
     assert all([r.name for r in run.reports] == names for run in runs)
 
 
-def test_best_test_checkpoint_is_the_first_best_epoch_and_teaches_the_next_round() -> None:
-    X, y = _mixture(N=80)
+@pytest.mark.parametrize("checkpoint", ["best_val", "best_test"])
+def test_selected_checkpoint_is_the_first_best_epoch_and_teaches_the_next_round(checkpoint: str) -> None:
+    """best_val: the first epoch with the best accuracy on the validation split (scored against its
+    given labels); best_test: the same on the test set (the official code). That epoch's weights teach
+    the next round, the last epoch's are reported, and its test accuracy is the model's
+    ``test_acc_<checkpoint>``."""
+    X_all, y_all = _mixture(N=110)
     Xe, ye = _mixture(N=30, seed=1)
+    is_val = feat.validation_rows(y_all, 0.25, 0)
+    X, y, Xv = X_all[~is_val], y_all[~is_val], X_all[is_val]
+    given = corrupt_labels(y_all, corruption_matrix("sym", 3, 0.4), 1)
+    yv = given[is_val]  # as noisy as the training labels
     recipe = SGDRecipe(epochs=8, batch_size=16, lr=0.05)
-    fit = fit_sgd(X, one_hot(y, 3), 1e-2, recipe, seed=1001, X_eval=Xe, y_eval=ye)
-    curve = fit.test_acc_per_epoch
-    # replay the same steps and keep the weights after the first epoch of the best test accuracy
-    first_best = int(np.argmax(curve))
-    replay = fit_sgd(
-        X, one_hot(y, 3), 1e-2, SGDRecipe(epochs=first_best + 1, batch_size=16, lr=0.05), seed=1001
+    fit = fit_sgd(
+        X, one_hot(given[~is_val], 3), 1e-2, recipe, seed=1001, X_eval=Xe, y_eval=ye, X_val=Xv, y_val=yv
     )
-    np.testing.assert_allclose(fit.W_best, replay.W, rtol=1e-6, atol=1e-7)
-    assert accuracy(Xe, fit.W_best, ye) == curve.max()
-    assert fit_sgd(X, one_hot(y, 3), 1e-2, recipe, seed=1001).W_best is None  # no test set, no selection
+    curve = fit.val_acc_per_epoch if checkpoint == "best_val" else fit.test_acc_per_epoch
+    chosen = fit.W_best_val if checkpoint == "best_val" else fit.W_best_test
+    # replay the same steps and keep the weights after the first epoch of the best accuracy
+    first_best = int(np.argmax(curve))
+    short = SGDRecipe(epochs=first_best + 1, batch_size=16, lr=0.05)
+    replay = fit_sgd(X, one_hot(given[~is_val], 3), 1e-2, short, seed=1001)
+    np.testing.assert_allclose(chosen, replay.W, rtol=1e-6, atol=1e-7)
+    scored = (Xv, yv) if checkpoint == "best_val" else (Xe, ye)
+    assert accuracy(*scored[:1], chosen, scored[1]) == curve.max()
+    assert np.argmax(fit.val_acc_per_epoch) != np.argmax(fit.test_acc_per_epoch)  # two different choices
+    assert fit_sgd(X, one_hot(y, 3), 1e-2, recipe, seed=1001).W_best_test is None  # no test set, no selection
+    assert fit_sgd(X, one_hot(y, 3), 1e-2, recipe, seed=1001, X_eval=Xe, y_eval=ye).W_best_val is None
 
-    given = corrupt_labels(y, corruption_matrix("sym", 3, 0.4), 1)
-    kwargs = dict(rounds=2, solver="sgd", recipe=recipe, keep_outputs=True)
-    best = self_distill(X, given, y, Xe, ye, 1e-2, 3, seed=1, teacher_checkpoint="best_test", **kwargs)
-    last = self_distill(X, given, y, Xe, ye, 1e-2, 3, seed=1, **kwargs)
-    teacher = fit_sgd(X, one_hot(given, 3), 1e-2, recipe, seed=1001, X_eval=Xe, y_eval=ye)
-    np.testing.assert_allclose(best.outputs["Teacher"], softmax(X @ teacher.W_best.T), atol=1e-6)
+    kwargs = dict(rounds=2, solver="sgd", recipe=recipe, keep_outputs=True, X_val=Xv, y_val=yv)
+    best = self_distill(
+        X, given[~is_val], y, Xe, ye, 1e-2, 3, seed=1, teacher_checkpoint=checkpoint, **kwargs
+    )
+    last = self_distill(X, given[~is_val], y, Xe, ye, 1e-2, 3, seed=1, **kwargs)
+    teacher = fit_sgd(
+        X, one_hot(given[~is_val], 3), 1e-2, recipe, seed=1001, X_eval=Xe, y_eval=ye, X_val=Xv, y_val=yv
+    )
+    W_chosen = teacher.W_best_val if checkpoint == "best_val" else teacher.W_best_test
+    np.testing.assert_allclose(best.outputs["Teacher"], softmax(X @ W_chosen.T), atol=1e-6)
     np.testing.assert_allclose(last.outputs["Teacher"], softmax(X @ teacher.W.T), atol=1e-6)
+    assert (
+        last.reports[0].test_acc_best_val == teacher.test_acc_per_epoch[np.argmax(teacher.val_acc_per_epoch)]
+    )
+    assert best.reports[0].test_acc_best_test == teacher.test_acc_per_epoch.max()
     # the teacher's report is of its last epoch's weights either way; only what it passes on differs
-    for field in ("test_acc_last", "test_acc_best", "train_acc_true", "train_acc_given"):
+    for field in (
+        "test_acc_last",
+        "test_acc_best_val",
+        "test_acc_best_test",
+        "train_acc_true",
+        "train_acc_given",
+    ):
         assert getattr(best.reports[0], field) == getattr(last.reports[0], field), field
+    assert np.abs(best.outputs["2"] - last.outputs["2"]).max() > 1e-2  # the student learnt other targets
     batched = self_distill_batched(
-        X, [given], y, Xe, ye, 1e-2, 3, seeds=[1], teacher_checkpoint="best_test", **kwargs
+        X,
+        [given[~is_val]],
+        y,
+        Xe,
+        ye,
+        1e-2,
+        3,
+        seeds=[1],
+        teacher_checkpoint=checkpoint,
+        **{**kwargs, "y_val": [yv]},
     )
     for got, want in zip(batched[0].reports, best.reports):
         assert (got.test_acc_last, got.train_acc_given) == (want.test_acc_last, want.train_acc_given)
-    with pytest.raises(ValueError, match=r"teacher_checkpoint 'best'.*\('last', 'best_test'\)"):
-        self_distill(X, given, y, Xe, ye, 1e-2, 3, teacher_checkpoint="best", **kwargs)
-    with pytest.raises(ValueError, match="needs solver='sgd'"):
-        self_distill(X, given, y, Xe, ye, 1e-2, 3, rounds=2, solver="exact", teacher_checkpoint="best_test")
+
+
+def test_checkpoint_choices_and_their_needs() -> None:
+    X, y = _mixture(N=60)
+    Xe, ye = _mixture(N=20, seed=1)
+    kwargs = dict(rounds=2, solver="sgd", recipe=SGDRecipe(epochs=2, batch_size=16))
+    assert TEACHER_CHECKPOINTS == ("last", "best_val", "best_test")
+    with pytest.raises(ValueError, match=r"teacher_checkpoint 'best'.*\('last', 'best_val', 'best_test'\)"):
+        self_distill(X, y, y, Xe, ye, 1e-2, 3, teacher_checkpoint="best", **kwargs)
+    with pytest.raises(
+        ValueError, match="'best_val' selects an SGD epoch by validation accuracy.*got 0 validation"
+    ):
+        self_distill(X, y, y, Xe, ye, 1e-2, 3, teacher_checkpoint="best_val", **kwargs)
+    with pytest.raises(
+        ValueError, match="'best_test' selects an SGD epoch by test accuracy: it needs solver='sgd'"
+    ):
+        self_distill(X, y, y, Xe, ye, 1e-2, 3, rounds=2, solver="exact", teacher_checkpoint="best_test")
+    with pytest.raises(ValueError, match="the 5 validation rows need as many labels per label set, got 4"):
+        self_distill(X, y, y, Xe, ye, 1e-2, 3, X_val=X[:5], y_val=y[:4], **kwargs)
+    with pytest.raises(ValueError, match="validation labels were given without the validation rows"):
+        self_distill(X, y, y, Xe, ye, 1e-2, 3, y_val=y[:4], **kwargs)
+    # SGD without a validation split has no validation-selected number; the exact solver's is its solution
+    sgd = self_distill(X, y, y, Xe, ye, 1e-2, 3, pll_losses=(), **kwargs)
+    assert all(math.isnan(r.test_acc_best_val) for r in sgd.reports)
+    exact = self_distill(X, y, y, Xe, ye, 1e-2, 3, rounds=2, pll_losses=())
+    assert all(r.test_acc_best_val == r.test_acc_best_test == r.test_acc_last for r in exact.reports)
 
 
 # ---------------------------------------------------------------------------------------------- PLL
@@ -598,7 +706,7 @@ def test_job_records_both_accuracies_and_true_label_training_accuracy(tmp_path) 
     names = [m["name"] for m in res["models"]]
     assert names == ["Teacher", "2", "3", "4", "PLL"]
     for m in res["models"]:
-        assert m["test_acc_best"] == m["test_acc_last"]  # exact solver: no epochs
+        assert m["test_acc_best_val"] == m["test_acc_best_test"] == m["test_acc_last"]  # exact: no epochs
         assert 0.0 <= m["train_acc_true"] <= 1.0
     teacher = res["models"][0]
     # the teacher fits its (noisy) labels better than it agrees with the true ones
@@ -607,16 +715,30 @@ def test_job_records_both_accuracies_and_true_label_training_accuracy(tmp_path) 
     assert res["teacher_checkpoint"] == "last"
 
 
-def test_best_test_job_is_recorded_and_its_tables_say_so(tmp_path) -> None:
+_SGD = {"name": "sgd", "epochs": 4, "batch_size": 32, "lr": 0.05, "momentum": 0.9, "lr_decay": 0.98}
+
+
+@pytest.mark.parametrize("checkpoint", ["best_test", "best_val"])
+def test_selected_checkpoint_job_is_recorded_and_its_tables_say_so(tmp_path, checkpoint: str) -> None:
     from experiments.selfdistill.study import write_accuracy_tables
 
-    sgd = {"name": "sgd", "epochs": 4, "batch_size": 32, "lr": 0.05, "momentum": 0.9, "lr_decay": 0.98}
-    over = {"sd.features.n_test": 5, "sd.solver": sgd, "sd.rounds": 2, "sd.teacher_checkpoint": "best_test"}
+    sgd = {**_SGD, "val_fraction": 0.2, "val_seed": 0}
+    over = {"sd.features.n_test": 5, "sd.solver": sgd, "sd.rounds": 2, "sd.teacher_checkpoint": checkpoint}
     res = run_job(_job_cfg(**over), tmp_path / "job")
-    assert res["teacher_checkpoint"] == "best_test" and [m["name"] for m in res["models"]] == ["Teacher", "2"]
+    assert res["teacher_checkpoint"] == checkpoint and [m["name"] for m in res["models"]] == ["Teacher", "2"]
+    assert (res["n_train"], res["n_val"]) == (4 * 48, 4 * 12)
     paths = write_accuracy_tables("test", [res], tmp_path / "tables")
-    title = next(p for p in paths if p.name.endswith("test_acc_last.md")).read_text().splitlines()[0]
-    assert "taught by its best-test-accuracy epoch" in title
+    text = next(p for p in paths if p.name == "test_test_acc.md").read_text()
+    title, rows = text.splitlines()[0], [line.split("|")[1:3] for line in text.splitlines()[4:]]
+    word = (
+        "best-test-accuracy epoch (the official protocol" if checkpoint == "best_test" else "best-validation"
+    )
+    assert f"taught by its {word}" in title and "N=192 train + 48 validation / 20 test" in title
+    assert [(m.strip(), e.strip()) for m, e in rows] == [
+        (name, epoch)
+        for name in ("Teacher", "2")
+        for epoch in ("last", "best on validation", "best on test (official protocol)")
+    ]
 
 
 def test_validate_lists_the_choices() -> None:
@@ -625,14 +747,25 @@ def test_validate_lists_the_choices() -> None:
         ("sd.corruption.kind", "pair", r"sd.corruption.kind='pair'.*'sym', 'asym', 'superclass'"),
         ("task", "plot", r"task='plot'.*\['distill', 'spectrum'\]"),
         ("sd.pll.losses", ["mae"], r"sd.pll.losses\[\]='mae'.*\['gce', 'ce'\]"),
-        ("sd.teacher_checkpoint", "best", r"sd.teacher_checkpoint='best'.*\['last', 'best_test'\]"),
+        (
+            "sd.teacher_checkpoint",
+            "best",
+            r"sd.teacher_checkpoint='best'.*\['last', 'best_val', 'best_test'\]",
+        ),
     ]:
         with pytest.raises(ValueError, match=match):
             validate(_job_cfg(**{key: bad}))
-    with pytest.raises(
-        ValueError, match="best_test picks an SGD epoch by test accuracy; it needs sd/solver=sgd"
-    ):
-        validate(_job_cfg(**{"sd.teacher_checkpoint": "best_test"}))  # the default solver is exact
+    for checkpoint, split in (("best_test", "test"), ("best_val", "validation")):
+        with pytest.raises(
+            ValueError, match=f"{checkpoint} picks an SGD epoch by {split} accuracy; it needs sd/solver=sgd"
+        ):
+            validate(_job_cfg(**{"sd.teacher_checkpoint": checkpoint}))  # the default solver is exact
+    with pytest.raises(ValueError, match=r"sd.solver.val_fraction=1.0 must lie in \[0, 1\)"):
+        validate(_job_cfg(**{"sd.solver": {**_SGD, "val_fraction": 1.0}}))
+    with pytest.raises(ValueError, match="the 'exact' solver has no epochs to select"):
+        validate(_job_cfg(**{"sd.solver": {"name": "exact", "tol": 1e-9, "val_fraction": 0.1}}))
+    with pytest.raises(ValueError, match="best_val needs a validation split: set sd.solver.val_fraction > 0"):
+        validate(_job_cfg(**{"sd.solver": {**_SGD, "val_fraction": 0}, "sd.teacher_checkpoint": "best_val"}))
     with pytest.raises(ValueError, match=r"sd.corruption.superclasses='labels'.*\['cluster', 'features'\]"):
         validate(_job_cfg(**{"sd.corruption.kind": "superclass", "sd.corruption.superclasses": "labels"}))
 

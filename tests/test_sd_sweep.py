@@ -59,8 +59,8 @@ def test_cli_multirun_aggregates_and_reruns_skip_finished_jobs(tmp_path: Path) -
     assert rows[0] == ["model", "η=0", "η=0.5"]
     assert [r[0] for r in rows[1:]] == ["Teacher", "2", "3", "4", "5", "PLL", "PLL-CE"]
     assert rows[1][1] == "100.0 ± 0.0"  # clean labels: the teacher fits every training instance
-    md = (tables / "block_table_test_acc_last.md").read_text()
-    assert "best-over-epochs = last" in md and "seeds [0, 1]" in md
+    md = (tables / "block_table_test_acc.md").read_text()
+    assert "Exact solver: no epochs to select" in md and "seeds [0, 1]" in md
     assert (tables / "block_table_gain.png").stat().st_size > 10_000
 
     # re-run (tables elsewhere: not part of a job's identity): every job is skipped; break one job and
@@ -117,7 +117,14 @@ def test_batched_sweep_fills_the_multiruns_jobs_with_the_same_results(tmp_path: 
         assert got["config"] == want["config"]
         assert [m["name"] for m in got["models"]] == ["Teacher", "2", "3", "4", "5", "PLL", "PLL-CE"]
         for m, w in zip(got["models"], want["models"]):
-            for key in ("test_acc_last", "test_acc_best", "train_acc_true", "train_acc_given", "train_tied"):
+            for key in (
+                "test_acc_last",
+                "test_acc_best_val",
+                "test_acc_best_test",
+                "train_acc_true",
+                "train_acc_given",
+                "train_tied",
+            ):
                 assert m[key] == w[key], (name, m["name"], key)
         assert got["C_realized"] == want["C_realized"] and got["theory"] == want["theory"]
 

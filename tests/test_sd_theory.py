@@ -418,3 +418,51 @@ def test_three_level_superclass_noise_rounds() -> None:
         assert _first_all_correct(outputs, y) == predicted
         hits += predicted is not None and predicted > 1
     assert hits >= 2
+
+
+# ------------------------------------------------------------------------------------------- exact dynamics
+
+
+@pytest.mark.parametrize(
+    "noise, K, n, c, d, e, m, lam, exact",
+    [
+        ("sym", 4, 20, 0.4, 0.1, None, None, 2.6e-4, True),  # counts n C_kl whole: the population
+        ("sym", 4, 50, 0.4, 0.1, None, None, 1e-4, False),  # sampled labels: their realized fractions
+        ("superclass", 12, 12, 0.5, 0.3, 0.1, 3, 1e-3, True),  # three levels
+    ],
+)
+def test_block_exact_outputs_equal_the_exact_solver_on_the_features(
+    noise: str, K: int, n: int, c: float, d: float, e: float | None, m: int | None, lam: float, exact: bool
+) -> None:
+    """The type-reduced exact rounds (one small weighted fit per round) give every training instance
+    the output the exact solver gives it on the explicit block features, round after round."""
+    data = block_features(K, n, c, d, e=e, m=m, rotate=False)
+    superclass = None if m is None else np.arange(K) // m
+    y_given = corrupt_labels(data.y_train, corruption_matrix(noise, K, 0.3, superclass), 0, exact=exact)
+    C = realized_matrix(data.y_train, y_given, K)
+    simulated = self_distill_exact(data.X_train, np.eye(K)[y_given], lam, 3, tol=1e-10)
+    reduced = theory.block_exact_outputs(C, n, c, d, lam, 3, e=e, m=m)
+    for t, (_, P) in enumerate(simulated):
+        np.testing.assert_allclose(reduced[t, data.y_train, y_given], P, atol=1e-9)
+        assert theory.all_right(reduced[t]) == _all_correct(P, data.y_train)
+    assert np.isnan(reduced[0][C == 0]).all()  # no instance of that (true class, label) type
+
+
+def test_spec_example_exact_dynamics_lag_the_linearized_theory() -> None:
+    """SPEC's example at the population level: the exact dynamics need rounds 9 (η = 0.3) and 14
+    (η = 0.5), as the exact solver on the 2,000 explicit features does (the slow test above), where the
+    linearized theory says 8 and 12; its thresholds sit below the linearized ones and bracket the
+    exact first rounds."""
+    K, n, c, d, lam = 4, 500, 0.4, 0.1, 1e-5
+    assert theory.exact_rounds_to_full_accuracy(K, n, c, d, lam, 0.3) == 9
+    assert theory.exact_rounds_to_full_accuracy(K, n, c, d, lam, 0.5) == 14
+    assert theory.exact_rounds_to_full_accuracy(K, n, c, d, lam, 0.0) == 1
+    for t in (8, 12):
+        exact = theory.exact_threshold(K, n, c, d, lam, t)
+        assert 0 < exact < threshold(K, n, c, d, lam, t) - 0.02
+        assert theory.exact_rounds_to_full_accuracy(K, n, c, d, lam, exact - 1e-3, max_rounds=t) == t
+        first = theory.exact_rounds_to_full_accuracy(K, n, c, d, lam, exact + 1e-3, max_rounds=20)
+        assert first is None or first > t
+    assert theory.exact_threshold(K, n, c, d, lam, 1) == 0.0  # the teacher memorizes any noise
+    with pytest.raises(ValueError, match="round t must be ≥ 1"):
+        theory.exact_threshold(K, n, c, d, lam, 0)

@@ -40,6 +40,7 @@ from phis.results import (
     write_table,
 )
 from phis.selfdistill import plots
+from phis.selfdistill import theory as sd_theory
 from phis.selfdistill.features import TORCHVISION_SETS, check_source
 from phis.selfdistill.run import validate
 from phis.selfdistill.sweep import sweep_plan
@@ -79,10 +80,18 @@ PROFILES: dict[str, dict[str, list[str]]] = {
 }
 METRICS = {
     "test_acc_last": "test accuracy (%), last epoch",
-    "test_acc_best": "test accuracy (%), best over epochs (chosen on the test set, as the official code)",
+    "test_acc_best_val": "test accuracy (%), epoch best on validation",
+    "test_acc_best_test": "test accuracy (%), epoch best on test (official protocol)",
     "train_acc_true": "training accuracy w.r.t. the true labels (%)",
 }
+# The test accuracy of every model three ways, side by side in one table: which epoch's weights.
+SELECTIONS = {
+    "test_acc_last": "last",
+    "test_acc_best_val": "best on validation",
+    "test_acc_best_test": "best on test (official protocol)",
+}
 PLL_ROWS = ("PLL", "PLL-CE")
+NOTES = "README.md"  # hand-written notes beside the generated tables, linked from SUMMARY.md
 
 
 def _row_key(name: str) -> tuple[int, int]:
@@ -101,55 +110,126 @@ def _models(res: dict) -> dict[str, dict]:
     return {m["name"]: m for m in res["models"]}
 
 
-def accuracy_table(results: Sequence[dict], metric: str) -> tuple[list[str], list[list[str]], dict]:
-    """Rows (model) × η columns of mean ± std (over seeds, in %) of one metric; also the raw values."""
+def accuracy_table(
+    results: Sequence[dict], metrics: Sequence[str]
+) -> tuple[list[str], list[list[str]], dict]:
+    """Rows (model, and which epoch when there are several metrics) × η columns of mean ± std (over
+    seeds, in %) of each metric; also the raw values."""
     etas = sorted({r["eta"] for r in results})
-    values: dict[tuple[str, float], list[float]] = defaultdict(list)
+    values: dict[tuple[str, str, float], list[float]] = defaultdict(list)
     for r in results:
         for name, m in _models(r).items():
-            values[(name, r["eta"])].append(m[metric])
-    names = sorted({name for name, _ in values}, key=_row_key)
-    header = ["model"] + [f"η={e:g}" for e in etas]
+            for metric in metrics:
+                values[(name, metric, r["eta"])].append(m[metric])
+    names = sorted({name for name, _, _ in values}, key=_row_key)
+    several = len(metrics) > 1
+    header = ["model"] + (["epoch"] if several else []) + [f"η={e:g}" for e in etas]
     rows = [
-        [name] + [format_mean_std(values.get((name, e), []), digits=1, scale=100) for e in etas]
+        [name]
+        + ([SELECTIONS.get(metric, metric)] if several else [])
+        + [format_mean_std(values.get((name, metric, e), []), digits=1, scale=100) for e in etas]
         for name in names
+        for metric in metrics
     ]
     return header, rows, {"etas": etas, "names": names, "values": values}
 
 
 def write_accuracy_tables(experiment: str, results: Sequence[dict], out_dir: Path) -> list[Path]:
-    """One markdown + CSV table per metric, and the gain-over-teacher bar figure."""
+    """The test-accuracy table (SGD: last / best-on-validation / best-on-test epoch side by side), the
+    training-accuracy table (markdown + CSV), the PLL candidates' table, and the gain-over-teacher bars."""
     written: list[Path] = []
     key = results[0].get("table_key", "")
     stem = experiment + (f"_{_slug(key)}" if key else "")
     solvers = sorted({r["solver"] for r in results})
     seeds = sorted({r["seed"] for r in results})
     first = results[0]
+    n_val = first.get("n_val", 0)
+    sizes = f"N={first['n_train']} train" + (f" + {n_val} validation" if n_val else "")
     context = (
-        f"{first['features']} features (K={first['num_classes']}, N={first['n_train']} train / "
-        f"{first['n_test']} test, D={first['dim']}), {first['noise']} noise"
+        f"{first['features']} features (K={first['num_classes']}, {sizes} / {first['n_test']} test, "
+        f"D={first['dim']}), {first['noise']} noise"
         + (f" ({key})" if key else "")
         + f", λ={first['lam']:g}, solver {'/'.join(solvers)}, seeds {seeds}; mean ± std over seeds"
     )
     recipe_lam = first.get("config", {}).get("sd", {}).get("features", {}).get("paper_lam")
     if recipe_lam is not None and math.isclose(float(recipe_lam), first["lam"]):
         context += " (the official recipe's λ for this dataset)"
-    if first.get("teacher_checkpoint", "last") == "best_test":
-        context += "; each round taught by its best-test-accuracy epoch (the official protocol)"
-    metrics = list(METRICS)
-    if solvers == ["exact"]:
-        metrics.remove("test_acc_best")  # no epochs: identical to the last-epoch table
-    for metric in metrics:
-        header, rows, _ = accuracy_table(results, metric)
-        title = f"{experiment}: {METRICS[metric]}. {context}"
-        if metric == "test_acc_last" and solvers == ["exact"]:
-            title += ". Exact solver: best-over-epochs = last"
-        # explicit suffix: a stem with a dot (lam_0.0005) would otherwise lose its tail to with_suffix
-        written += list(write_table(out_dir / f"{stem}_{metric}.md", header, rows, title=title))
+    checkpoint = first.get("teacher_checkpoint", "last")
+    if checkpoint == "best_test":
+        context += (
+            "; each round taught by its best-test-accuracy epoch (the official protocol, chosen on test)"
+        )
+    elif checkpoint == "best_val":
+        context += "; each round taught by its best-validation-accuracy epoch"
+    if solvers == ["exact"]:  # no epochs: every selection is the solution
+        selections = ["test_acc_last"]
+        title = f"{experiment}: {METRICS['test_acc_last']}. {context}. Exact solver: no epochs to select"
+    else:
+        selections = list(SELECTIONS)
+        title = (
+            f"{experiment}: test accuracy (%) of each model's last epoch, of its epoch best on the "
+            f"validation split ({n_val} training instances held out, scored against their given labels), "
+            "and of its epoch best on test (the official code's protocol: selected on the test set, not a "
+            f"held-out number). {context}"
+        )
+    # explicit suffix: a stem with a dot (lam_0.0005) would otherwise lose its tail to with_suffix
+    header, rows, _ = accuracy_table(results, selections)
+    written += list(write_table(out_dir / f"{stem}_test_acc.md", header, rows, title=title))
+    header, rows, _ = accuracy_table(results, ["train_acc_true"])
+    title = f"{experiment}: {METRICS['train_acc_true']}. {context}"
+    written += list(write_table(out_dir / f"{stem}_train_acc_true.md", header, rows, title=title))
+    if any(r.get("pll_top2") for r in results):
+        written += pll_top2_table(experiment, results, out_dir / f"{stem}_pll_top2.md", context)
     block = first.get("features_kind") == "block"
     metric = "train_acc_true" if block else "test_acc_last"
     written.append(gain_figure(results, metric, out_dir / f"{stem}_gain.png", f"{experiment}: {context}"))
     return written
+
+
+def pll_top2_table(experiment: str, results: Sequence[dict], stem: Path, context: str) -> list[Path]:
+    """What the PLL student's candidates (its teacher's top-2 on the training set, ``top2_report``) hold,
+    where its errors go, and its gain over the teacher, per η."""
+    etas = sorted({r["eta"] for r in results})
+    pll = [name for name in PLL_ROWS if any(name in _models(r) for r in results)]
+
+    def cell(values: list[float]) -> str:
+        return format_mean_std(values, digits=1, scale=100)
+
+    def per_eta(value) -> list[str]:
+        return [cell([value(r) for r in results if r["eta"] == e and r.get("pll_top2")]) for e in etas]
+
+    rows = [
+        ["teacher's top class is the true class (%)"] + per_eta(lambda r: r["pll_top2"]["top1_true"]),
+        ["teacher's runner-up is the true class (%)"] + per_eta(lambda r: r["pll_top2"]["runner_up_true"]),
+        ["teacher's probability on its runner-up (mean, %)"]
+        + per_eta(lambda r: r["pll_top2"]["runner_up_prob"]),
+        ["top-2 mutual (%)"] + per_eta(lambda r: r["pll_top2"]["mutual"]),
+    ]
+    for name in pll:
+        rows.append(
+            [f"{name}: training instances predicted as a wrong runner-up (%)"]
+            + per_eta(lambda r, name=name: r["pll_top2"][f"{name}_to_runner_up"])
+        )
+        for metric, what in (("test_acc_last", "test, last epoch"), ("train_acc_true", "train, true labels")):
+            rows.append(
+                [f"{name} − Teacher, {what} (pp)"]
+                + per_eta(
+                    lambda r, name=name, metric=metric: (
+                        _models(r)[name][metric] - _models(r)["Teacher"][metric]
+                    )
+                )
+            )
+    title = (
+        f"{experiment}: the PLL student's candidates, its teacher's top class a and runner-up b on each "
+        "training instance, each given ½. 'Runner-up is the true class': the instances the target can "
+        "correct; where a is the true class the target adds a wrong class at the same weight. 'Mutual': "
+        "for an instance with candidates (a, b), the share of the instances whose top class is b that "
+        "carry the same pair (at 100 % nothing in the targets tells a from b). 'Predicted as a wrong "
+        "runner-up': the PLL student's training errors that go to the wrong class its target added. "
+        f"{context}"
+    )
+    header = ["PLL candidates"] + [f"η={e:g}" for e in etas]
+    return list(write_table(stem, header, rows, title=title))
 
 
 def gain_figure(results: Sequence[dict], metric: str, path: Path, title: str) -> Path:
@@ -185,7 +265,8 @@ def _wrap(text: str, width: int = 100) -> str:
 
 
 def region_outputs(results: Sequence[dict], out_dir: Path) -> list[Path]:
-    """The (η, t) figure and a table of the first round with 100 % training accuracy per η."""
+    """The (η, t) figure, a table of the first round with 100 % training accuracy per η (simulation,
+    exact softmax dynamics, linearized theory) and a table of both theories' thresholds η_t."""
     results = sorted(results, key=lambda r: r["eta"])
     etas = np.array([r["eta"] for r in results])
     names = [n for n in sorted(_models(results[0]), key=_row_key) if n == "Teacher" or n.isdigit()]
@@ -194,6 +275,7 @@ def region_outputs(results: Sequence[dict], out_dir: Path) -> list[Path]:
     theory = results[0].get("theory") or {}
     thresholds = None if theory.get("thresholds") is None else np.array(theory["thresholds"], dtype=float)
     realized = np.array([r["theory"]["all_correct_realized"] for r in results]) if theory else None
+    exact = _exact_region(results, len(rounds)) if theory else None
     first = results[0]
     title = (
         f"100% training accuracy (true labels) per noise η and round t: {first['features']} "
@@ -201,24 +283,93 @@ def region_outputs(results: Sequence[dict], out_dir: Path) -> list[Path]:
         f"r={theory.get('r', math.nan):.4f}, exact-proportion noise"
     )
     fig = plots.region(
-        etas, rounds, simulated, out_dir / "region.png", _wrap(title, 80), thresholds, realized
+        etas,
+        rounds,
+        simulated,
+        out_dir / "region.png",
+        _wrap(title, 80),
+        thresholds,
+        realized,
+        None if exact is None else exact["thresholds"],
     )
 
     def first_round(flags: Sequence[bool]) -> str:
         hits = [int(t) for t, ok in zip(rounds, flags) if ok]
         return str(hits[0]) if hits else f"> {rounds[-1]}"
 
+    def rounds_text(t: int | None) -> str:
+        return f"> {rounds[-1]}" if t is None else str(t)
+
     rows = []
     for i, (e, r) in enumerate(zip(etas, results)):
-        population = r["theory"].get("rounds_to_full") if theory else None
-        by_theory = f"> {rounds[-1]}" if population is None else str(population)
-        by_realized = "—" if realized is None else first_round(realized[i])
-        rows.append([f"{e:g}", first_round(simulated[i]), by_theory, by_realized])
-    header = ["η", "simulation", "theory (population)", "theory (realized labels)"]
-    table = write_table(
-        out_dir / "region", header, rows, title="First round t with 100 % training accuracy. " + title
+        row = [f"{e:g}", first_round(simulated[i])]
+        if exact is not None:
+            row += [first_round(exact["realized"][i]), rounds_text(exact["population"][i])]
+        row += [rounds_text(r["theory"].get("rounds_to_full")) if theory else "—"]
+        row += ["—" if realized is None else first_round(realized[i])]
+        rows.append(row)
+    header = ["η", "simulation"]
+    if exact is not None:
+        header += ["exact dynamics (realized labels)", "exact dynamics (population)"]
+    header += ["linearized theory (population)", "linearized theory (realized labels)"]
+    verdict = "" if exact is None else " " + _region_verdict(rows)
+    written = [fig]
+    written += write_table(
+        out_dir / "region",
+        header,
+        rows,
+        title="First round t with 100 % training accuracy. " + title + "." + verdict,
     )
-    return [fig, *table]
+    if exact is not None and thresholds is not None:
+        rows = [[t, f"{lin:.4f}", f"{ex:.4f}"] for t, lin, ex in zip(rounds, thresholds, exact["thresholds"])]
+        written += write_table(
+            out_dir / "region_thresholds",
+            ["round t", "η_t linearized (SPEC §3 closed form)", "η_t exact (softmax stationary points)"],
+            rows,
+            title=(
+                "Largest noise rate at which round t predicts every training instance right, at the "
+                "population level (labels in exact proportions), for the linearized dynamics (softmax(z) ≈ "
+                "1/K + z/K) and the exact ones (each round's softmax stationary point, "
+                "theory.block_exact_outputs; bisection to 1e-4). " + title + "." + verdict
+            ),
+        )
+    return written
+
+
+def _exact_region(results: Sequence[dict], rounds: int) -> dict[str, list]:
+    """The exact (softmax) dynamics on the region's block model: per job, whether each round gets every
+    instance right for its realized label fractions, and the population's first round; and η_t."""
+    sd = results[0]["config"]["sd"]
+    f, lam, noise = sd["features"], float(sd["lam"]), sd["corruption"]["kind"]
+    K, n, c, d = int(f["K"]), int(f["n"]), float(f["c"]), float(f["d"])
+    realized, population = [], []
+    for r in results:
+        outputs = sd_theory.block_exact_outputs(np.array(r["C_realized"]), n, c, d, lam, rounds)
+        realized.append([sd_theory.all_right(outputs[t]) for t in range(rounds)])
+        population.append(
+            sd_theory.exact_rounds_to_full_accuracy(K, n, c, d, lam, r["eta"], noise, max_rounds=rounds)
+        )
+    thresholds = [sd_theory.exact_threshold(K, n, c, d, lam, t, noise) for t in range(1, rounds + 1)]
+    return {"realized": np.array(realized), "population": population, "thresholds": np.array(thresholds)}
+
+
+def _region_verdict(rows: Sequence[Sequence[str]]) -> str:
+    """Which dynamics the simulation follows, from the region table's rows (η, simulation, exact
+    realized, exact population, linearized population, linearized realized)."""
+    same_exact = sum(row[1] == row[2] for row in rows)
+    same_linear = sum(row[1] == row[5] for row in rows)
+    lags = [int(row[1]) - int(row[5]) for row in rows if row[1].isdigit() and row[5].isdigit()]
+    lags = [lag for lag in lags if lag]
+    text = (
+        "The simulation (the exact solver on the block features) follows the exact softmax dynamics: its "
+        f"first round equals theirs for the realized labels at {same_exact} of {len(rows)} noise rates, "
+        f"the linearized theory's at {same_linear} of {len(rows)}"
+    )
+    if lags and min(lags) > 0:
+        text += f", which predicts {min(lags)}–{max(lags)} rounds too early where they differ"
+    elif lags:
+        text += f"; where they differ, the simulation's round minus its is {min(lags)} to {max(lags)}"
+    return text + "."
 
 
 def simplex_outputs(results: Sequence[dict], out_dir: Path) -> list[Path]:
@@ -362,11 +513,13 @@ def write_summary(out: Path, timings: dict) -> Path:
     parts.append(
         f"Total wall time {timings['total_wall_s']} s with {timings['lanes']} sweeps side by side.\n"
     )
+    if (out / NOTES).is_file():
+        parts.append(f"What the tables report and what changed in them: {NOTES}.\n")
     parts.append("| experiment | wall s | return code |\n|---|---|---|")
     parts += [f"| {k} | {v['wall_s']} | {v['returncode']} |" for k, v in timings["experiments"].items()]
     parts.append("")
     for md in sorted(out.glob("*.md")):
-        if md.name != "SUMMARY.md":
+        if md.name not in ("SUMMARY.md", NOTES):
             parts.append(md.read_text())
     parts.append("Figures: " + ", ".join(sorted(p.name for p in out.glob("*.png"))) + "\n")
     return atomic_write_text(out / "SUMMARY.md", "\n".join(parts))

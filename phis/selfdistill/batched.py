@@ -10,10 +10,10 @@ the same SGD with one batched matmul per step.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -43,10 +43,16 @@ def fit_sgd_batched(
     *,
     X_eval: np.ndarray | None = None,
     y_eval: np.ndarray | None = None,
+    X_val: np.ndarray | None = None,
     device: str | torch.device | None = None,
     form: str = "auto",
 ) -> list[ProbeFit]:
     """``fit_sgd`` of every task on the shared X [N, D], trained together; fits in task order.
+
+    Like ``fit_sgd``, each probe tracks its accuracy per epoch on the test set (X_eval, y_eval) and
+    on the validation rows X_val against its own labels (``task.y_val``: a label set's given labels),
+    where given, and keeps the weights of its first best epoch on each; both sets are scored by one
+    product per epoch.
 
     Tasks with the same seed (and the same choice of drawing their init) see the same minibatches, as
     they would alone. These U groups are padded to a common size G with idle probes (learning rate 0),
@@ -63,8 +69,12 @@ def fit_sgd_batched(
         raise ValueError(f"unknown batched SGD form {form!r}; choose one of {', '.join(SGD_FORMS)}")
     if not tasks:
         return []
+    n_val = 0 if X_val is None else len(X_val)
     for task in tasks:
         check_loss(task.loss)
+        if n_val and (task.y_val is None or len(task.y_val) != n_val):
+            got = None if task.y_val is None else len(task.y_val)
+            raise ValueError(f"every task needs y_val for the {n_val} validation rows, got {got} labels")
     grids = {(t.recipe.epochs, t.recipe.batch_size) for t in tasks}
     if len(grids) > 1:
         raise ValueError(
@@ -83,6 +93,7 @@ def fit_sgd_batched(
     perms = torch.empty(U, epochs, N, dtype=torch.int64)
     # per probe [U, G]: float64 like the Python floats of fit_sgd, cast to float32 where used
     lr, lr_decay, momentum, lam, q = (np.zeros((U, G)) for _ in range(5))
+    y_val = torch.zeros(n_val, U, G, dtype=torch.int64)  # each probe's validation labels
     gce, used = np.zeros((U, G), dtype=bool), np.zeros((U, G), dtype=bool)
     for u, ((seed, draw_init), members) in enumerate(groups.items()):
         gen = torch.Generator().manual_seed(seed)
@@ -98,6 +109,8 @@ def fit_sgd_batched(
             T[u, :, g] = torch.as_tensor(task.targets, dtype=torch.float32)
             lr[u, g], lr_decay[u, g], momentum[u, g] = recipe.lr, recipe.lr_decay, recipe.momentum
             lam[u, g], q[u, g], gce[u, g] = task.lam, task.q, task.loss == "gce"
+            if n_val:
+                y_val[:, u, g] = torch.as_tensor(task.y_val)
             used[u, g] = True
 
     device = torch.device(device or "cpu")
@@ -115,18 +128,20 @@ def fit_sgd_batched(
         used=used,
         batch_size=batch_size,
     )
-    if X_eval is not None and len(y_eval) > 0:
-        stack.X_eval = torch.as_tensor(X_eval, dtype=torch.float32).to(device)
-        stack.y_eval = torch.as_tensor(y_eval).to(device)
+    y_test = None if y_eval is None else torch.as_tensor(y_eval).view(-1, 1, 1)
+    stack.add_eval_sets({"test": (X_eval, y_test), "val": (X_val, y_val)})
     train = _train_dual if form == "dual" or (form == "auto" and N <= D) else _train_primal
-    W_end, W_best, curve = train(stack)
+    W_end, W_best, curves = train(stack)
     slot = {i: (u, g) for u, members in enumerate(groups.values()) for g, i in enumerate(members)}
-    if stack.X_eval is None:
-        return [ProbeFit(W_end[slot[i]]) for i in range(len(tasks))]
-    return [ProbeFit(W_end[slot[i]], curve[slot[i]], W_best[slot[i]]) for i in range(len(tasks))]
+
+    def tracked(name: str, i: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(accuracy per epoch, weights of the first best epoch) of probe i on one set, if given."""
+        return (curves[name][slot[i]], W_best[name][slot[i]]) if name in curves else (None, None)
+
+    return [ProbeFit(W_end[slot[i]], *tracked("test", i), *tracked("val", i)) for i in range(len(tasks))]
 
 
-@dataclass
+@dataclasses.dataclass
 class _ProbeStack:
     """The probes of one ``fit_sgd_batched`` call in U groups (one minibatch order each) of G probes.
 
@@ -146,8 +161,21 @@ class _ProbeStack:
     gce: np.ndarray  # bool: the probe's loss is GCE (else cross-entropy)
     used: np.ndarray  # bool: a real probe, not padding
     batch_size: int
-    X_eval: torch.Tensor | None = None  # [Ne, D] float32
-    y_eval: torch.Tensor | None = None  # [Ne]
+    X_eval: torch.Tensor | None = None  # [Ne, D] float32: the rows of every evaluation set, one after another
+    # name → (its rows of X_eval, labels [n, U, G], or [n, 1, 1] when every probe has the same)
+    eval_sets: dict[str, tuple[slice, torch.Tensor]] = dataclasses.field(default_factory=dict)
+
+    def add_eval_sets(self, sets: dict[str, tuple[np.ndarray | None, torch.Tensor | None]]) -> None:
+        """Stack the evaluation sets that are given and non-empty into ``X_eval``, in order."""
+        rows, start = [], 0
+        for name, (X, y) in sets.items():
+            if X is None or len(y) == 0:
+                continue
+            rows.append(torch.as_tensor(X, dtype=torch.float32))
+            self.eval_sets[name] = (slice(start, start + len(y)), y.to(self.X.device))
+            start += len(y)
+        if rows:
+            self.X_eval = torch.cat(rows).to(self.X.device)
 
     @property
     def shape(self) -> tuple[int, int, int, int, int]:
@@ -222,25 +250,39 @@ class _ProbeStack:
 
 
 class _BestEpochs:
-    """Test accuracy per epoch of every probe, and which probes just reached their best (first) one."""
+    """Accuracy per epoch of every probe on each evaluation set, and which probes just reached their
+    best (first) epoch on each."""
 
     def __init__(self, stack: _ProbeStack, epochs: int) -> None:
         U, G = stack.lr.shape
-        self.y = stack.y_eval
-        self.curve = torch.full((U, G, epochs), math.nan, dtype=torch.float64, device=stack.X.device)
-        self.best = torch.full((U, G), -1.0, dtype=torch.float64, device=stack.X.device)
+        self.sets = stack.eval_sets
+        self.curve = {
+            name: torch.full((U, G, epochs), math.nan, dtype=torch.float64, device=stack.X.device)
+            for name in self.sets
+        }
+        self.best = {
+            name: torch.full((U, G), -1.0, dtype=torch.float64, device=stack.X.device) for name in self.sets
+        }
 
-    def better(self, epoch: int, scores: torch.Tensor) -> torch.Tensor:
-        """Record the epoch from test logits [Ne, U, G, K]; a [U, G] mask of the probes that improved."""
+    def better(self, epoch: int, scores: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Record the epoch from the logits of every evaluation row [Ne, U, G, K]; per set, a [U, G] mask
+        of the probes that improved."""
         pred = scores.argmax(3)  # [Ne, U, G]
-        self.curve[:, :, epoch] = (pred == self.y[:, None, None]).double().mean(0)
-        better = self.curve[:, :, epoch] > self.best
-        self.best = torch.where(better, self.curve[:, :, epoch], self.best)
-        return better
+        masks = {}
+        for name, (rows, y) in self.sets.items():
+            acc = self.curve[name][:, :, epoch]
+            acc.copy_((pred[rows] == y).double().mean(0))
+            masks[name] = acc > self.best[name]
+            self.best[name] = torch.where(masks[name], acc, self.best[name])
+        return masks
+
+    def curves(self) -> dict[str, np.ndarray]:
+        return {name: _numpy(curve) for name, curve in self.curve.items()}
 
 
-def _train_primal(stack: _ProbeStack) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Train the weights themselves; (W, W at the best test epoch, test curves) as float64 arrays."""
+def _train_primal(stack: _ProbeStack) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Train the weights themselves; W, and per evaluation set W at its best epoch and the accuracy
+    curves, as float64 arrays."""
     U, G, K, N, D = stack.shape
     epochs = stack.perms.shape[1]
     W = stack.W0.clone()
@@ -255,7 +297,8 @@ def _train_primal(stack: _ProbeStack) -> tuple[np.ndarray, np.ndarray, np.ndarra
     beta = 1.0 if shared_momentum is None else shared_momentum  # the buffer's factor in baddbmm
     momentum_buf = torch.zeros_like(W)
     buf_f = momentum_buf.view(U, G * K, D)
-    W_best, tracker, lr = W.clone(), _BestEpochs(stack, epochs), stack.lr.copy()
+    tracker, lr = _BestEpochs(stack, epochs), stack.lr.copy()
+    W_best = {name: W.clone() for name in tracker.sets}
     for epoch in range(epochs):
         neg_lr_w = stack.per_probe(-lr, (U, G, 1, 1))
         for idx, rows in stack.minibatches(epoch):
@@ -271,12 +314,13 @@ def _train_primal(stack: _ProbeStack) -> tuple[np.ndarray, np.ndarray, np.ndarra
             W.addcmul_(momentum_buf, neg_lr_w)
         lr *= stack.lr_decay
         if stack.X_eval is not None:
-            better = tracker.better(epoch, (stack.X_eval @ W.view(U * G * K, D).T).view(-1, U, G, K))
-            W_best[better] = W[better]
-    return _numpy(W), _numpy(W_best), _numpy(tracker.curve)
+            scores = (stack.X_eval @ W.view(U * G * K, D).T).view(-1, U, G, K)
+            for name, better in tracker.better(epoch, scores).items():
+                W_best[name][better] = W[better]
+    return _numpy(W), {name: _numpy(w) for name, w in W_best.items()}, tracker.curves()
 
 
-def _train_dual(stack: _ProbeStack) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _train_dual(stack: _ProbeStack) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Train the coefficients of W (``fit_sgd_batched``'s dual form); the same SGD as ``_train_primal``.
 
     With μ the mean training row, the basis is the N centred rows x̃_j = x_j − μ and μ itself, and
@@ -321,11 +365,11 @@ def _train_dual(stack: _ProbeStack) -> tuple[np.ndarray, np.ndarray, np.ndarray]
         gram_eval = _products(stack.X_eval, basis, mean)  # [Ne, N + 1]
         base_eval = _products(stack.X_eval, W0.double().reshape(U * GK, D), mean).view(-1, U, G, K)
     a_per_probe = (lambda: torch.full((U, G), a, device=device)) if uniform else (lambda: a)
-    best = {"C": C.clone(), "a": a_per_probe().clone()}
     tracker = _BestEpochs(stack, epochs)
+    best = {name: {"C": C.clone(), "a": a_per_probe().clone()} for name in tracker.sets}
     gram_rows = torch.empty(U * min(stack.batch_size, N), N + 1, device=device)  # reused every step
     groups = torch.arange(U, device=device).view(U, 1)
-    C4, M4, best_C4 = (t.view(N + 1, U, G, K) for t in (C, M, best["C"]))
+    C4, M4 = (t.view(N + 1, U, G, K) for t in (C, M))
     for epoch in range(epochs):
         neg_lr = -lr if uniform else stack.per_probe(-lr, (1, U, G, 1))
         for idx, rows in stack.minibatches(epoch):
@@ -360,17 +404,18 @@ def _train_dual(stack: _ProbeStack) -> tuple[np.ndarray, np.ndarray, np.ndarray]
         lr *= lr_decay
         if stack.X_eval is not None:
             scores = (gram_eval @ C.view(N + 1, U * GK)).view(-1, U, G, K)
-            better = tracker.better(epoch, scores.addcmul_(base_eval, a_per_probe().view(1, U, G, 1)))
-            if better.any():  # copy the probes that improved (fewer and fewer as training goes on)
-                best_C4[:, better] = C4[:, better]
-                best["a"][better] = a_per_probe()[better]
+            improved = tracker.better(epoch, scores.addcmul_(base_eval, a_per_probe().view(1, U, G, 1)))
+            for name, better in improved.items():
+                if better.any():  # copy the probes that improved (fewer and fewer as training goes on)
+                    best[name]["C"].view(N + 1, U, G, K)[:, better] = C4[:, better]
+                    best[name]["a"][better] = a_per_probe()[better]
 
     def weights(C: torch.Tensor, a: torch.Tensor) -> np.ndarray:
         """a·W0 + C [X̃; μ] in float64, [U, G, K, D]."""
         spanned = (C.double().permute(1, 2, 0).reshape(U * GK, N + 1) @ basis).view(U, G, K, D)
         return _numpy(spanned + a.double().view(U, G, 1, 1) * stack.W0.double())
 
-    return weights(C, a_per_probe()), weights(**best), _numpy(tracker.curve)
+    return weights(C, a_per_probe()), {name: weights(**b) for name, b in best.items()}, tracker.curves()
 
 
 def _products(rows: torch.Tensor, columns: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:

@@ -151,6 +151,16 @@ def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> np.ndarr
     return is_test
 
 
+def validation_rows(y_train: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """The validation split SGD epochs are selected on: boolean ``is_val`` over the *training* rows
+    [N] with round(fraction · n_k) instances of every class k (``stratified_split``, the same split for
+    every η and seed of a table); none at fraction 0. It is carved from the training set only, so it
+    can never hold a test instance."""
+    if fraction == 0:
+        return np.zeros(len(y_train), dtype=bool)
+    return stratified_split(y_train, fraction, seed)
+
+
 def _limit_per_class(y: np.ndarray, limit: int | None) -> np.ndarray:
     """Indices of the first ``limit`` items of every class (all items when ``limit`` is None)."""
     if limit is None:

@@ -127,9 +127,11 @@ def region(
     title: str,
     theory_eta: np.ndarray | None = None,
     theory_realized: np.ndarray | None = None,
+    exact_eta: np.ndarray | None = None,
 ) -> Path:
     """(η, t) map: simulated[E, T] True where round t gets every training instance right at noise η;
-    the theory's η_t [T] drawn over it, and × where the theory for the realized labels disagrees."""
+    the linearized theory's η_t [T] drawn over it, × where that theory for the realized labels
+    disagrees, and the exact (softmax) dynamics' η_t [T] dashed."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     step = float(np.min(np.diff(etas))) if len(etas) > 1 else 0.1
     edges_x = np.r_[etas - step / 2, etas[-1] + step / 2]
@@ -142,13 +144,22 @@ def region(
         # boundary polyline: a vertical stroke at η_t across row t, joined row to row
         xs = np.repeat(theory_eta, 2)
         ys = np.ravel(np.c_[rounds - 0.5, rounds + 0.5])
-        ax.plot(xs, ys, color="black", lw=1.6, label=r"theory: 100% for $\eta < \eta_t$")
+        ax.plot(xs, ys, color="black", lw=1.6, label=r"linearized: 100% for $\eta < \eta_t$")
+    if exact_eta is not None:
+        xs = np.repeat(exact_eta, 2)
+        ys = np.ravel(np.c_[rounds - 0.5, rounds + 0.5])
+        ax.plot(xs, ys, color="tab:blue", lw=1.6, ls="--", label=r"exact: 100% for $\eta < \eta_t$")
     if theory_realized is not None:
         bad = theory_realized != simulated
         ei, ti = np.nonzero(bad)
         if len(ei):
             ax.scatter(
-                etas[ei], rounds[ti], marker="x", color="tab:red", s=30, label="theory (realized) disagrees"
+                etas[ei],
+                rounds[ti],
+                marker="x",
+                color="tab:red",
+                s=30,
+                label="linearized (realized) disagrees",
             )
     ax.plot([], [], "s", color="#7fc97f", label="simulation: 100% train accuracy")
     ax.set_xlabel("noise rate η")

@@ -45,15 +45,15 @@ class SGDRecipe:
 
 @dataclass
 class ProbeFit:
-    """A fitted probe and, for SGD with a test set, the test accuracy after every epoch and the weights
-    of the first epoch with the best of them (the official code's checkpoint)."""
+    """A fitted probe and, for SGD with evaluation sets, each set's accuracy after every epoch and the
+    weights of the first epoch with the best of it: on the validation split (carved from the training
+    set: an honest checkpoint) and on the test set (the official code's checkpoint, chosen on test)."""
 
-    W: np.ndarray  # [K, D] float64
+    W: np.ndarray  # [K, D] float64, the last epoch's
     test_acc_per_epoch: np.ndarray | None = None  # [epochs]
-    W_best: np.ndarray | None = None  # [K, D] float64
-
-
-# Which weights of a round teach the next round and the PLL student: the last epoch's (ours, honest), or
+    W_best_test: np.ndarray | None = None  # [K, D] float64
+    val_acc_per_epoch: np.ndarray | None = None  # [epochs]
+    W_best_val: np.ndarray | None = None  # [K, D] float64
 
 
 def one_hot(y: np.ndarray, K: int) -> np.ndarray:
@@ -62,17 +62,61 @@ def one_hot(y: np.ndarray, K: int) -> np.ndarray:
 
 
 def two_hot(P: np.ndarray, seed: int = 0, tie_tol: float = 1e-9) -> np.ndarray:
-    """PLL targets [N, K]: ½ on each of the two largest entries of every row of P [N, K].
+    """PLL targets [N, K]: ½ on each of the two largest entries of every row of P [N, K] (``top2``)."""
+    T = np.zeros_like(P, dtype=np.float64)
+    np.put_along_axis(T, top2(P, seed, tie_tol), 0.5, axis=1)
+    return T
+
+
+def top2(P: np.ndarray, seed: int = 0, tie_tol: float = 1e-9) -> np.ndarray:
+    """The two largest entries' classes of every row of P [N, K], largest first: [N, 2].
 
     Entries within ``tie_tol`` of each other are tied and the tie is broken at random (seeded): on
     symmetric data (the block model's clean instances, whose other classes are exactly alike) any
     fixed rule, e.g. lowest index first, would hand every instance the same second candidate.
     """
     jitter = np.random.default_rng(seed).random(P.shape)
-    top2 = np.argsort(-(P + tie_tol * jitter), axis=1, kind="stable")[:, :2]
-    T = np.zeros_like(P, dtype=np.float64)
-    np.put_along_axis(T, top2, 0.5, axis=1)
-    return T
+    return np.argsort(-(P + tie_tol * jitter), axis=1, kind="stable")[:, :2]
+
+
+def top2_report(P: np.ndarray, y_true: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """What the PLL targets drawn from a teacher's training outputs P [N, K] (``two_hot``, same seed)
+    hold, as fractions in [0, 1] (NaN when N = 0), with a the teacher's top class and b its runner-up:
+
+    - ``top1_true``: a is the true class, so the target adds a wrong class b at weight ½;
+    - ``runner_up_true``: b is the true class, the instances the target can correct;
+    - ``runner_up_prob``: the teacher's mean probability on b, which the target raises to ½;
+    - ``mutual``: the share of the instances whose top class is b that carry the same pair {a, b},
+      averaged over instances. At 1 the instances of a and of b get the same target and nothing in the
+      targets tells the two classes apart.
+    """
+    if len(P) == 0:
+        return dict.fromkeys(("top1_true", "runner_up_true", "runner_up_prob", "mutual"), math.nan)
+    pair = top2(P, seed)
+    a, b = pair[:, 0], pair[:, 1]
+    y_true = np.asarray(y_true)
+    counts = np.zeros((P.shape[1], P.shape[1]))  # [x, y]: instances with top class x, runner-up y
+    np.add.at(counts, (a, b), 1.0)
+    per_top = counts.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shared = np.where(per_top[b] > 0, counts[b, a] / per_top[b], 0.0)
+    return {
+        "top1_true": float(np.mean(a == y_true)),
+        "runner_up_true": float(np.mean(b == y_true)),
+        "runner_up_prob": float(np.mean(P[np.arange(len(P)), b])),
+        "mutual": float(np.mean(shared)),
+    }
+
+
+def runner_up_share(Z: np.ndarray, P_teacher: np.ndarray, y_true: np.ndarray, seed: int = 0) -> float:
+    """Fraction of training instances that a PLL student (logits Z [N, K]) predicts as its teacher's
+    runner-up (``top2`` of P_teacher [N, K], same seed) where that is not the true class: the errors the
+    two-hot target's wrong second candidate causes (a tie counts as a fraction, as in ``accuracy``)."""
+    if len(Z) == 0:
+        return math.nan
+    b = top2(P_teacher, seed)[:, 1]
+    wrong = b != np.asarray(y_true)
+    return float(logit_accuracy(Z[wrong], b[wrong]) * wrong.mean()) if wrong.any() else 0.0
 
 
 def accuracy(X: np.ndarray, W: np.ndarray, y: np.ndarray) -> float:
@@ -151,8 +195,13 @@ def fit_sgd(
     seed: int = 0,
     X_eval: np.ndarray | None = None,
     y_eval: np.ndarray | None = None,
+    X_val: np.ndarray | None = None,
+    y_val: np.ndarray | None = None,
 ) -> ProbeFit:
-    """The paper's SGD recipe on X [N, D], targets [N, K]; starts from W0 or nn.Linear's default init."""
+    """The paper's recipe on X [N, D], targets [N, K]; starts from W0 or nn.Linear's default init.
+
+    (X_eval, y_eval) is the test set and (X_val, y_val) the validation split: each given (non-empty)
+    set gets its accuracy curve and the weights of its first best epoch in the ``ProbeFit``."""
     check_loss(loss)
     gen = torch.Generator().manual_seed(seed)
     Xt = torch.as_tensor(X, dtype=torch.float32)
@@ -163,12 +212,18 @@ def fit_sgd(
         W = (torch.rand(K, D, generator=gen, dtype=torch.float32) * 2 - 1) / math.sqrt(D)
     else:
         W = torch.as_tensor(W0, dtype=torch.float32).clone()
-    Xe = None if X_eval is None or len(y_eval) == 0 else torch.as_tensor(X_eval, dtype=torch.float32)
-    ye = None if Xe is None else torch.as_tensor(y_eval)
+    if X_val is not None and len(X_val) and (y_val is None or len(y_val) != len(X_val)):
+        got = None if y_val is None else len(y_val)
+        raise ValueError(f"the {len(X_val)} validation rows need as many labels, got {got}")
+    checks = {
+        name: (torch.as_tensor(Xc, dtype=torch.float32), torch.as_tensor(yc))
+        for name, Xc, yc in (("test", X_eval, y_eval), ("val", X_val, y_val))
+        if Xc is not None and len(Xc) > 0
+    }
+    curves = {name: np.full(recipe.epochs, np.nan) for name in checks}
+    W_best, best = {name: W.clone() for name in checks}, dict.fromkeys(checks, -1.0)
     momentum_buf = torch.zeros_like(W)
     lr = recipe.lr
-    curve = np.full(recipe.epochs, np.nan)
-    W_best, best = W.clone(), -1.0
     for epoch in range(recipe.epochs):
         perm = torch.randperm(N, generator=gen)
         for start in range(0, N, recipe.batch_size):
@@ -178,14 +233,15 @@ def fit_sgd(
             momentum_buf.mul_(recipe.momentum).add_(grad)
             W.sub_(lr * momentum_buf)
         lr *= recipe.lr_decay
-        if Xe is not None:
-            curve[epoch] = ((Xe @ W.T).argmax(1) == ye).double().mean().item()
-            if curve[epoch] > best:
-                best = curve[epoch]
-                W_best.copy_(W)
-    if Xe is None:
-        return ProbeFit(W.double().numpy())
-    return ProbeFit(W.double().numpy(), curve, W_best.double().numpy())
+        for name, (Xc, yc) in checks.items():
+            curves[name][epoch] = ((Xc @ W.T).argmax(1) == yc).double().mean().item()
+            if curves[name][epoch] > best[name]:
+                best[name] = curves[name][epoch]
+                W_best[name].copy_(W)
+    W_best = {name: w.double().numpy() for name, w in W_best.items()}
+    return ProbeFit(
+        W.double().numpy(), curves.get("test"), W_best.get("test"), curves.get("val"), W_best.get("val")
+    )
 
 
 @dataclass(frozen=True)
@@ -199,6 +255,7 @@ class ProbeTask:
     q: float = 0.7
     W0: np.ndarray | None = None
     seed: int = 0
+    y_val: np.ndarray | None = None  # [Nv] labels of the validation rows its epochs are selected on
 
 
 def fit_gce_full_batch(
@@ -248,14 +305,16 @@ def fit_probe(
     tol: float = 1e-8,
     X_eval: np.ndarray | None = None,
     y_eval: np.ndarray | None = None,
+    X_val: np.ndarray | None = None,
+    y_val: np.ndarray | None = None,
 ) -> ProbeFit:
-    """Fit one probe with the chosen solver; ``W0`` is a warm start (exact) or the initialization (SGD)."""
+    """Fit one probe with the chosen solver; ``W0`` is a warm start (exact) or the initialization (SGD).
+    Only SGD has epochs to track on the test set (X_eval, y_eval) and the validation split."""
     check_loss(loss)
     if solver == "sgd":
         recipe = recipe or SGDRecipe()
-        return fit_sgd(
-            X, targets, lam, recipe, loss=loss, q=q, W0=W0, seed=seed, X_eval=X_eval, y_eval=y_eval
-        )
+        evals = {"X_eval": X_eval, "y_eval": y_eval, "X_val": X_val, "y_val": y_val}
+        return fit_sgd(X, targets, lam, recipe, loss=loss, q=q, W0=W0, seed=seed, **evals)
     if solver != "exact":
         raise ValueError(f"unknown solver {solver!r}; choose one of {list(SOLVERS)}")
     if loss == "ce":

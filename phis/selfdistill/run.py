@@ -40,7 +40,7 @@ from phis.selfdistill.corruption import (
     find_superclasses,
     realized_matrix,
 )
-from phis.selfdistill.features import FeatureSet, atomic_savez, check_source, load_features
+from phis.selfdistill.features import FeatureSet, atomic_savez, check_source, load_features, validation_rows
 from phis.selfdistill.probe import PLL_LOSSES, SOLVERS, SGDRecipe
 from phis.selfdistill.rounds import TEACHER_CHECKPOINTS, SDRun, self_distill, self_distill_batched
 from phis.wandb_logging import RUN_FILE, JobMirror, selfdistill_tables, selfdistill_tags
@@ -68,11 +68,25 @@ def validate(cfg: Mapping[str, Any]) -> None:
     check_choice("sd.solver.name", sd["solver"]["name"], SOLVERS)
     for loss in sd["pll"]["losses"]:
         check_choice("sd.pll.losses[]", loss, PLL_LOSSES)
-    check_choice("sd.teacher_checkpoint", sd.get("teacher_checkpoint", "last"), TEACHER_CHECKPOINTS)
-    if sd.get("teacher_checkpoint", "last") == "best_test" and sd["solver"]["name"] != "sgd":
+    checkpoint = sd.get("teacher_checkpoint", "last")
+    check_choice("sd.teacher_checkpoint", checkpoint, TEACHER_CHECKPOINTS)
+    split = {"best_val": "validation", "best_test": "test"}.get(checkpoint)
+    if split and sd["solver"]["name"] != "sgd":
         raise ValueError(
-            f"sd.teacher_checkpoint=best_test picks an SGD epoch by test accuracy; it needs sd/solver=sgd, "
-            f"got sd.solver.name={sd['solver']['name']!r}"
+            f"sd.teacher_checkpoint={checkpoint} picks an SGD epoch by {split} accuracy; it needs "
+            f"sd/solver=sgd, got sd.solver.name={sd['solver']['name']!r}"
+        )
+    fraction = sd["solver"].get("val_fraction", 0.0)
+    if not 0.0 <= float(fraction) < 1.0:
+        raise ValueError(f"sd.solver.val_fraction={fraction} must lie in [0, 1) (0: no validation split)")
+    if fraction and sd["solver"]["name"] != "sgd":
+        raise ValueError(
+            f"sd.solver.val_fraction={fraction}: the {sd['solver']['name']!r} solver has no epochs to "
+            "select; a validation split is for sd/solver=sgd"
+        )
+    if checkpoint == "best_val" and not fraction:
+        raise ValueError(
+            "sd.teacher_checkpoint=best_val needs a validation split: set sd.solver.val_fraction > 0"
         )
     if int(sd["rounds"]) < 1:
         raise ValueError(f"sd.rounds={sd['rounds']} must be ≥ 1 (round 1 is the teacher)")
@@ -118,8 +132,18 @@ def block_theory(
     }
 
 
+def _validation_mask(cfg: Mapping[str, Any], feats: FeatureSet) -> np.ndarray:
+    """Boolean [N] over the training rows: the job's validation split (``validation_rows``)."""
+    scfg = cfg["sd"]["solver"]
+    return validation_rows(feats.y_train, float(scfg.get("val_fraction", 0.0)), int(scfg.get("val_seed", 0)))
+
+
 def _given_labels(cfg: Mapping[str, Any], feats: FeatureSet) -> dict[str, Any]:
-    """The job's corrupted training labels and the corruption they came from."""
+    """The job's data: the training rows it trains on with their true and given (corrupted) labels, the
+    validation split carved from the training set with its given labels, and the corruption.
+
+    Labels are corrupted over the whole training set first, so the validation labels are as noisy as
+    the training labels: epochs are selected on what a user holding only noisy labels could use."""
     ccfg, K = cfg["sd"]["corruption"], feats.num_classes
     superclass = superclasses_for(feats, ccfg) if ccfg["kind"] == "superclass" else None
     if superclass is not None and float(ccfg["eta"]) > 0 and len(np.unique(superclass)) == K:
@@ -131,10 +155,18 @@ def _given_labels(cfg: Mapping[str, Any], feats: FeatureSet) -> dict[str, Any]:
         )
     C = corruption_matrix(ccfg["kind"], K, float(ccfg["eta"]), superclass)
     y_given = corrupt_labels(feats.y_train, C, int(cfg["seed"]), exact=bool(ccfg.get("exact", False)))
+    is_val = _validation_mask(cfg, feats)
+    train, any_val = ~is_val, bool(is_val.any())
+    val_noise = float(np.mean(y_given[is_val] != feats.y_train[is_val])) if any_val else None
     return {
-        "y_given": y_given,
+        "X_train": feats.X_train[train],
+        "y_true": feats.y_train[train],
+        "y_given": y_given[train],
+        "X_val": feats.X_train[is_val] if any_val else None,
+        "y_val": y_given[is_val] if any_val else None,
+        "noise_realized_val": val_noise,
         "C": C,
-        "C_realized": realized_matrix(feats.y_train, y_given, K),
+        "C_realized": realized_matrix(feats.y_train[train], y_given[train], K),
         "superclass": superclass,
     }
 
@@ -164,24 +196,28 @@ def _distill_result(
     """Log a job's models, save its outputs if asked, and return its report."""
     for rep in run.reports:
         log.info(
-            "%-8s test %.4f (best over epochs %.4f)  train/true %.4f  train/given %.4f  %.1fs",
+            "%-8s test %.4f (epoch best on validation %.4f, on test %.4f)  train/true %.4f  "
+            "train/given %.4f  %.1fs",
             rep.name,
             rep.test_acc_last,
-            rep.test_acc_best,
+            rep.test_acc_best_val,
+            rep.test_acc_best_test,
             rep.train_acc_true,
             rep.train_acc_given,
             rep.seconds,
         )
-    y_given = labels["y_given"]
+    y_given, y_true = labels["y_given"], labels["y_true"]
     if run.outputs:
-        atomic_savez(out_dir / OUTPUTS_FILE, y_true=feats.y_train, y_given=y_given, **run.outputs)
+        atomic_savez(out_dir / OUTPUTS_FILE, y_true=y_true, y_given=y_given, **run.outputs)
     sd = cfg["sd"]
     result = {
         "models": [asdict(rep) for rep in run.reports],
         "C": labels["C"],
         "C_realized": labels["C_realized"],
-        "noise_realized": float(np.mean(y_given != feats.y_train)),
+        "noise_realized": float(np.mean(y_given != y_true)),
+        "noise_realized_val": labels["noise_realized_val"],
         "superclass": labels["superclass"],
+        "pll_top2": run.top2,
     }
     if sd["features"]["kind"] == "block":
         ccfg = sd["corruption"]
@@ -200,14 +236,16 @@ def run_distill(cfg: Mapping[str, Any], feats: FeatureSet, out_dir: Path) -> dic
     """Corrupt the labels, train teacher + students + PLL students, and report every model."""
     labels = _given_labels(cfg, feats)
     run = self_distill(
-        feats.X_train,
+        labels["X_train"],
         labels["y_given"],
-        feats.y_train,
+        labels["y_true"],
         feats.X_test,
         feats.y_test,
         float(cfg["sd"]["lam"]),
         feats.num_classes,
         seed=int(cfg["seed"]),
+        X_val=labels["X_val"],
+        y_val=labels["y_val"],
         **_distill_settings(cfg),
     )
     return _distill_result(cfg, feats, labels, run, out_dir)
@@ -234,6 +272,7 @@ def _select(cfg: Mapping[str, Any], dotted: str) -> Any:
 
 def _job_info(cfg: Mapping[str, Any], feats: FeatureSet) -> dict:
     """What a job's results say about its data and settings, before any result."""
+    n_val = int(_validation_mask(cfg, feats).sum()) if cfg["task"] == "distill" else 0
     return {
         "experiment": cfg["experiment"],
         "report": cfg["report"],
@@ -241,7 +280,8 @@ def _job_info(cfg: Mapping[str, Any], feats: FeatureSet) -> dict:
         "features": feats.name,
         "features_kind": cfg["sd"]["features"]["kind"],
         "num_classes": feats.num_classes,
-        "n_train": len(feats.y_train),
+        "n_train": int(len(feats.y_train) - n_val),  # the rows the probes train on
+        "n_val": n_val,  # the validation split carved from the training set
         "n_test": len(feats.y_test),
         "dim": feats.X_train.shape[1],
         "eta": float(cfg["sd"]["corruption"]["eta"]),
@@ -302,15 +342,19 @@ def run_jobs_batched(jobs: Sequence[tuple[Mapping[str, Any], Path]], device: str
         feats = load_features(first["sd"]["features"], first["cache_dir"])
         labels = [_given_labels(cfg, feats) for cfg, _ in group]
         log.info("training the probes of %d jobs under %s together", len(group), group[0][1].parent)
+        # The jobs of a group share the validation split (it depends on the solver settings only)
+        # and so their training rows; only the labels differ.
         runs = self_distill_batched(
-            feats.X_train,
+            labels[0]["X_train"],
             [lab["y_given"] for lab in labels],
-            feats.y_train,
+            labels[0]["y_true"],
             feats.X_test,
             feats.y_test,
             float(first["sd"]["lam"]),
             feats.num_classes,
             seeds=[int(cfg["seed"]) for cfg, _ in group],
+            X_val=labels[0]["X_val"],
+            y_val=None if labels[0]["X_val"] is None else [lab["y_val"] for lab in labels],
             device=device,
             **_distill_settings(first),
         )

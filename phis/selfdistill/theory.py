@@ -91,39 +91,43 @@ def eigen_decay(G: np.ndarray, K: int, N: int, lam: float, t: int | Sequence[int
     return sigma[None, :] ** ts.reshape(-1, 1) if ts.ndim else sigma**ts
 
 
-def _objective(w: np.ndarray, F: np.ndarray, T: np.ndarray, lam: float) -> tuple[float, np.ndarray]:
-    """Round objective and gradient in coordinates F [N, r], W [K, r] flattened."""
-    N, K = T.shape
+def _objective(
+    w: np.ndarray, F: np.ndarray, T: np.ndarray, lam: float, rows: np.ndarray
+) -> tuple[float, np.ndarray]:
+    """Round objective and gradient in coordinates F [N, r], W [K, r] flattened; ``rows`` [N] weighs
+    each row's loss (1/N each: the mean)."""
+    K = T.shape[1]
     W = w.reshape(K, -1)
     Z = F @ W.T
     zmax = Z.max(axis=1, keepdims=True)
     lse = zmax[:, 0] + np.log(np.exp(Z - zmax).sum(1))
     P = np.exp(Z - lse[:, None])
-    f = (lse - (T * Z).sum(1)).mean() + 0.5 * lam * (W * W).sum()
-    grad = (P - T).T @ F / N + lam * W
+    f = rows @ (lse - (T * Z).sum(1)) + 0.5 * lam * (W * W).sum()
+    grad = (P - T).T @ (F * rows[:, None]) + lam * W
     return f, grad.ravel()
 
 
-def _hessian_product(w: np.ndarray, v: np.ndarray, F: np.ndarray, lam: float, K: int) -> np.ndarray:
+def _hessian_product(
+    w: np.ndarray, v: np.ndarray, F: np.ndarray, lam: float, K: int, rows: np.ndarray
+) -> np.ndarray:
     """Hessian of the round objective times v, without forming the Hessian."""
-    N = F.shape[0]
     P = softmax(F @ w.reshape(K, -1).T)
     V = v.reshape(K, -1)
     Zv = F @ V.T
     S = P * (Zv - (P * Zv).sum(1, keepdims=True))
-    return (S.T @ F / N + lam * V).ravel()
+    return (S.T @ (F * rows[:, None]) + lam * V).ravel()
 
 
-def _dense_hessian(W: np.ndarray, F: np.ndarray, lam: float) -> np.ndarray:
+def _dense_hessian(W: np.ndarray, F: np.ndarray, lam: float, rows: np.ndarray) -> np.ndarray:
     """Hessian [K r, K r] of the round objective at W [K, r]."""
-    N, r = F.shape
+    r = F.shape[1]
     K = W.shape[0]
     P = softmax(F @ W.T)
     H = np.empty((K, r, K, r))
     for a in range(K):
         for b in range(a, K):
-            weight = P[:, a] * ((a == b) - P[:, b])
-            block = F.T @ (F * weight[:, None]) / N
+            weight = rows * P[:, a] * ((a == b) - P[:, b])
+            block = F.T @ (F * weight[:, None])
             H[a, :, b, :] = block
             H[b, :, a, :] = block.T
     H = H.reshape(K * r, K * r)
@@ -131,19 +135,21 @@ def _dense_hessian(W: np.ndarray, F: np.ndarray, lam: float) -> np.ndarray:
     return H
 
 
-def _newton(F: np.ndarray, T: np.ndarray, lam: float, w: np.ndarray, tol: float) -> np.ndarray:
+def _newton(
+    F: np.ndarray, T: np.ndarray, lam: float, w: np.ndarray, tol: float, rows: np.ndarray
+) -> np.ndarray:
     """Damped Newton with Armijo backtracking until the largest gradient entry is ≤ tol."""
     K = T.shape[1]
-    f, g = _objective(w, F, T, lam)
+    f, g = _objective(w, F, T, lam, rows)
     for _ in range(500):
         if np.abs(g).max() <= tol:
             return w
-        H = _dense_hessian(w.reshape(K, -1), F, lam)
+        H = _dense_hessian(w.reshape(K, -1), F, lam, rows)
         step = -np.linalg.solve(H, g)
         slope = g @ step
         alpha = 1.0
         while True:
-            f_new, g_new = _objective(w + alpha * step, F, T, lam)
+            f_new, g_new = _objective(w + alpha * step, F, T, lam, rows)
             if f_new <= f + 1e-4 * alpha * slope:
                 break
             # Near the optimum the decrease is below float64 rounding of f; then trust the gradient.
@@ -157,20 +163,27 @@ def _newton(F: np.ndarray, T: np.ndarray, lam: float, w: np.ndarray, tol: float)
 
 
 def _fit_coordinates(
-    F: np.ndarray, T: np.ndarray, lam: float, W0: np.ndarray | None, tol: float
+    F: np.ndarray,
+    T: np.ndarray,
+    lam: float,
+    W0: np.ndarray | None,
+    tol: float,
+    rows: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Exact round minimizer W [K, r] for features F [N, r]."""
-    r = F.shape[1]
+    """Exact round minimizer W [K, r] for features F [N, r]; ``rows`` [N] weighs the rows' losses
+    (default: the mean, 1/N each)."""
+    N, r = F.shape
     K = T.shape[1]
+    rows = np.full(N, 1.0 / N) if rows is None else np.asarray(rows, dtype=np.float64)
     w0 = np.zeros(K * r) if W0 is None else np.asarray(W0, dtype=np.float64).ravel()
     if K * r <= _DENSE_NEWTON_MAX:
-        return _newton(F, T, lam, w0, tol).reshape(K, r)
+        return _newton(F, T, lam, w0, tol, rows).reshape(K, r)
     res = minimize(
         _objective,
         w0,
-        args=(F, T, lam),
+        args=(F, T, lam, rows),
         jac=True,
-        hessp=lambda w, v, *args: _hessian_product(w, v, F, lam, K),
+        hessp=lambda w, v, *args: _hessian_product(w, v, F, lam, K, rows),
         method="trust-ncg",
         options={"gtol": tol, "maxiter": 10_000},
     )
@@ -400,3 +413,115 @@ def rounds_to_full_accuracy(
         if block_all_correct(C, sigmas, t, feature_sup):
             return t
     return None
+
+
+def block_exact_outputs(
+    C: np.ndarray,
+    n: int,
+    c: float,
+    d: float,
+    lam: float,
+    rounds: int,
+    *,
+    e: float | None = None,
+    m: int | None = None,
+    tol: float = 1e-10,
+) -> np.ndarray:
+    """Training outputs [rounds, K, K, K] of the exact (softmax) rounds on the block model with n
+    instances per class labelled in exactly C's proportions (the population level, counts n C_kl need
+    not be whole): entry (t, k, l) is round t + 1's output for an instance of true class k labelled l
+    (NaN where C_kl = 0: no such instance).
+
+    By symmetry the instances of one (k, l) type share their outputs, and the round's stationary
+    condition P_i = softmax(Σ_j G_ij (Y_j − P_j) / (N λ)) only sums them per type. It is the stationary
+    condition of one CE problem over the types, each weighed by its count n_τ / N, with features of
+    Gram (1 − c)/n_τ [τ = τ'] + the class, superclass and shared terms of G, so each round is one small
+    convex fit (``_fit_coordinates``), solved exactly; nothing is linearized.
+    """
+    C = np.asarray(C, dtype=np.float64)
+    K = C.shape[0]
+    block_gram_eigen(K, n, c, d, e=e, m=m)  # checks the parameters
+    if rounds < 1:
+        raise ValueError(f"need rounds ≥ 1, got {rounds}")
+    k, l = np.nonzero(C > _FRACTION_TOL)
+    counts = n * C[k, l]
+    n_types, n_sup = len(k), 0 if m is None else K // m
+    F = np.zeros((n_types, 1 + n_sup + K + n_types))
+    F[:, 0] = np.sqrt(d if e is None else e)
+    types = np.arange(n_types)
+    if m is not None:
+        F[types, 1 + k // m] = np.sqrt(d - e)
+    F[types, 1 + n_sup + k] = np.sqrt(c - d)
+    F[types, 1 + n_sup + K + types] = np.sqrt((1.0 - c) / counts)
+    Y, W = np.eye(K)[l], None
+    out = np.full((rounds, K, K, K), np.nan)
+    for t in range(rounds):
+        W = _fit_coordinates(F, Y, _check_lam(lam), W, tol, rows=counts / (K * n))
+        Y = softmax(F @ W.T)
+        out[t, k, l] = Y
+    return out
+
+
+def all_right(outputs: np.ndarray) -> bool:
+    """Whether every (true class k, label l) row of ``block_exact_outputs``' [K, K, K] that has
+    instances puts its largest output, strictly, on k."""
+    K = outputs.shape[0]
+    rows = ~np.isnan(outputs[:, :, 0])
+    diag = np.arange(K)
+    margin = outputs[diag, :, diag][:, :, None] - outputs  # [k, l, j]: out[k, l, k] − out[k, l, j]
+    margin[diag, :, diag] = np.inf
+    return bool((margin[rows] > _FRACTION_TOL).all())
+
+
+def exact_rounds_to_full_accuracy(
+    K: int,
+    n: int,
+    c: float,
+    d: float,
+    lam: float,
+    eta: float,
+    noise: str = "sym",
+    *,
+    m: int | None = None,
+    e: float | None = None,
+    max_rounds: int = 30,
+) -> int | None:
+    """``rounds_to_full_accuracy`` for the exact (softmax) dynamics (``block_exact_outputs``): the
+    first round at which every training instance is predicted right, or None within max_rounds."""
+    superclass = None if m is None else np.arange(K) // m
+    C = corruption_matrix(noise, K, eta, superclass)
+    outputs = block_exact_outputs(C, n, c, d, lam, max_rounds, e=e, m=m if e is not None else None)
+    return next((t + 1 for t in range(max_rounds) if all_right(outputs[t])), None)
+
+
+def exact_threshold(
+    K: int,
+    n: int,
+    c: float,
+    d: float,
+    lam: float,
+    t: int,
+    noise: str = "sym",
+    *,
+    m: int | None = None,
+    resolution: float = 1e-4,
+) -> float:
+    """``threshold`` for the exact (softmax) dynamics on the two-level block model: the largest noise
+    rate η (to ``resolution``, found by bisection) at which round t still predicts every training
+    instance right at the population level; 0 when no positive rate is fully corrected."""
+    if t < 1:
+        raise ValueError(f"round t must be ≥ 1 (round 1 is the teacher), got {t}")
+    superclass = None if m is None else np.arange(K) // m
+
+    def right(eta: float) -> bool:
+        C = corruption_matrix(noise, K, eta, superclass)
+        return all_right(block_exact_outputs(C, n, c, d, lam, t)[-1])
+
+    lo, hi = 0.0, _noise_scale(noise, K, m)  # every g_kj is 0 at hi: nothing is right there
+    if not right(resolution):
+        return 0.0
+    lo = resolution
+    while hi - lo > resolution:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if right(mid) else (lo, mid)
+    return lo
